@@ -1,0 +1,1 @@
+"""Datasets, image transforms and grain input pipelines. Knows nothing about models."""

@@ -1,0 +1,40 @@
+"""Atomic file writes: nothing is ever left written half-way."""
+
+import json
+import os
+import tempfile
+from typing import Any, Callable
+
+
+def atomic_write(path: str, write: Callable[[Any], None], mode: str = "wb") -> None:
+  """Calls `write(f)` on a temporary file beside `path`, then renames it over `path`."""
+  directory = os.path.dirname(os.path.abspath(path))
+  os.makedirs(directory, exist_ok=True)
+  fd, tmp = tempfile.mkstemp(dir=directory, prefix="." + os.path.basename(path) + ".", suffix=".tmp")
+  try:
+    with os.fdopen(fd, mode) as f:
+      write(f)
+      f.flush()
+      os.fsync(f.fileno())
+    os.replace(tmp, path)
+  except BaseException:
+    if os.path.exists(tmp):
+      os.remove(tmp)
+    raise
+
+
+def write_text(path: str, text: str) -> None:
+  atomic_write(path, lambda f: f.write(text), mode="w")
+
+
+def write_json(path: str, obj: Any) -> None:
+  write_text(path, json.dumps(obj, indent=2, sort_keys=False, allow_nan=False) + "\n")
+
+
+def cache_dir(*parts: str) -> str:
+  """adjax's cache directory: $ADJAX_CACHE_DIR, else $XDG_CACHE_HOME/adjax, else ~/.cache/adjax."""
+  root = os.environ.get("ADJAX_CACHE_DIR") or os.path.join(
+      os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache"), "adjax")
+  path = os.path.join(root, *parts)
+  os.makedirs(path, exist_ok=True)
+  return path

@@ -1,0 +1,159 @@
+"""Anomaly-detection metrics: I-AUROC, P-AUROC, AUPRO@0.3, F1-max, IoU.
+
+All functions take numpy arrays: `labels`/`masks` are 0/1 ground truth, `scores`/`maps`
+are anomaly scores (higher = more anomalous). A metric that is undefined for the data
+(e.g. AUROC with only one class present) returns None, which reports write as null.
+"""
+
+from typing import Optional
+
+import numpy as np
+import scipy.ndimage
+import scipy.stats
+
+
+def _flat(labels, scores):
+  labels = np.asarray(labels).astype(bool).ravel()
+  scores = np.asarray(scores, dtype=np.float64).ravel()
+  if labels.shape != scores.shape:
+    raise ValueError(f"labels and scores differ in size: {labels.shape} vs {scores.shape}")
+  return labels, scores
+
+
+def auroc(labels, scores) -> Optional[float]:
+  """Area under the ROC curve, ties counted as half (Mann-Whitney U / (n_pos * n_neg))."""
+  labels, scores = _flat(labels, scores)
+  n_pos = int(labels.sum())
+  n_neg = labels.size - n_pos
+  if n_pos == 0 or n_neg == 0:
+    return None
+  ranks = scipy.stats.rankdata(scores)  # average ranks for ties
+  u = ranks[labels].sum() - n_pos * (n_pos + 1) / 2.0
+  return float(u / (n_pos * n_neg))
+
+
+def _descending_counts(labels, scores, weights_pos=None, weights_neg=None):
+  """Cumulative (positive, negative) weight above each distinct threshold, descending."""
+  order = np.argsort(-scores, kind="stable")
+  sorted_scores = scores[order]
+  pos = labels[order].astype(np.float64) if weights_pos is None else weights_pos[order]
+  neg = (~labels[order]).astype(np.float64) if weights_neg is None else weights_neg[order]
+  cum_pos = np.cumsum(pos)
+  cum_neg = np.cumsum(neg)
+  # Keep the last index of each run of equal scores: a threshold admits all tied pixels.
+  last_of_run = np.r_[sorted_scores[1:] != sorted_scores[:-1], True]
+  return sorted_scores[last_of_run], cum_pos[last_of_run], cum_neg[last_of_run]
+
+
+def f1_max(labels, scores) -> tuple[Optional[float], Optional[float]]:
+  """Best F1 over all thresholds `score >= t`, and that threshold t."""
+  labels, scores = _flat(labels, scores)
+  n_pos = labels.sum()
+  if n_pos == 0:
+    return None, None
+  thresholds, tp, fp = _descending_counts(labels, scores)
+  precision = tp / (tp + fp)
+  recall = tp / n_pos
+  with np.errstate(invalid="ignore", divide="ignore"):
+    f1 = np.where(precision + recall > 0, 2 * precision * recall / (precision + recall), 0.0)
+  best = int(np.argmax(f1))
+  return float(f1[best]), float(thresholds[best])
+
+
+def iou(masks, maps, threshold: float) -> Optional[float]:
+  """Intersection over union of `maps >= threshold` with the ground-truth masks."""
+  masks, maps = _flat(masks, maps)
+  predicted = maps >= threshold
+  union = np.logical_or(predicted, masks).sum()
+  if union == 0:
+    return None
+  return float(np.logical_and(predicted, masks).sum() / union)
+
+
+def aupro(masks, maps, fpr_limit: float = 0.3) -> Optional[float]:
+  """Area under the per-region-overlap curve up to `fpr_limit`, divided by `fpr_limit`.
+
+  The MVTec AD protocol (Bergmann et al., IJCV 2021): every connected ground-truth
+  region counts equally; PRO(t) is the mean over regions of the fraction of the
+  region at or above t; FPR(t) is measured on normal pixels. Computed exactly over
+  all thresholds by sorting, the curve is integrated with the trapezoid rule and
+  linearly interpolated at `fpr_limit`.
+  """
+  masks = np.asarray(masks).astype(bool)
+  maps = np.asarray(maps, dtype=np.float64)
+  if masks.shape != maps.shape:
+    raise ValueError(f"masks and maps differ in shape: {masks.shape} vs {maps.shape}")
+  if masks.ndim == 2:
+    masks, maps = masks[None], maps[None]
+  region_weight = np.zeros(masks.shape, dtype=np.float64)
+  num_regions = 0
+  for i in range(masks.shape[0]):
+    components, n = scipy.ndimage.label(masks[i])  # 4-connectivity, as the MVTec code
+    if n == 0:
+      continue
+    areas = np.bincount(components.ravel())
+    weight = np.zeros_like(areas, dtype=np.float64)
+    weight[1:] = 1.0 / areas[1:]
+    region_weight[i] = weight[components]
+    num_regions += n
+  num_normal = int((~masks).sum())
+  if num_regions == 0 or num_normal == 0:
+    return None
+  flat_masks = masks.ravel()
+  _, pro, fp = _descending_counts(
+      flat_masks, maps.ravel(), weights_pos=region_weight.ravel() / num_regions,
+      weights_neg=(~flat_masks).astype(np.float64) / num_normal)
+  fpr = np.r_[0.0, fp]
+  pro = np.r_[0.0, pro]
+  # Clip the curve at fpr_limit, interpolating the PRO value there.
+  k = int(np.searchsorted(fpr, fpr_limit, side="right"))
+  if k < fpr.size:
+    x0, x1, y0, y1 = fpr[k - 1], fpr[k], pro[k - 1], pro[k]
+    y_limit = y0 + (y1 - y0) * (fpr_limit - x0) / (x1 - x0) if x1 > x0 else y1
+    fpr = np.r_[fpr[:k], fpr_limit]
+    pro = np.r_[pro[:k], y_limit]
+  return float(np.trapezoid(pro, fpr) / fpr_limit)
+
+
+def evaluate(image_labels, image_scores, masks=None, maps=None, pro_fpr_limit: float = 0.3) -> dict:
+  """All report metrics for one category. Pixel metrics are None when `masks` is None.
+
+  `f1_max` is the image-level F1-max; pixel F1-max and IoU at the pixel F1-max threshold
+  are reported too. Both thresholds are read off the test set, as is standard for
+  F1-max: they describe the score distribution, they are not an operating point.
+  """
+  image_f1, image_threshold = f1_max(image_labels, image_scores)
+  result = {
+      "image_auroc": auroc(image_labels, image_scores),
+      "pixel_auroc": None,
+      "aupro": None,
+      "f1_max": image_f1,
+      "f1_max_threshold": image_threshold,
+      "pixel_f1_max": None,
+      "pixel_f1_max_threshold": None,
+      "pixel_iou": None,
+      "num_images": int(np.asarray(image_labels).size),
+      "num_anomalous": int(np.asarray(image_labels).astype(bool).sum()),
+  }
+  if masks is not None:
+    masks = np.asarray(masks).astype(bool)
+    result["pixel_auroc"] = auroc(masks, maps)
+    result["aupro"] = aupro(masks, maps, pro_fpr_limit)
+    pixel_f1, pixel_threshold = f1_max(masks, maps)
+    result["pixel_f1_max"] = pixel_f1
+    result["pixel_f1_max_threshold"] = pixel_threshold
+    if pixel_threshold is not None:
+      result["pixel_iou"] = iou(masks, maps, pixel_threshold)
+  return result
+
+
+REPORT_KEYS = ("image_auroc", "pixel_auroc", "aupro", "f1_max", "pixel_f1_max", "pixel_iou")
+
+
+def mean_over_categories(per_category: dict) -> dict:
+  """Mean of each report metric over the categories where it is defined."""
+  mean = {}
+  for key in REPORT_KEYS:
+    values = [m[key] for m in per_category.values() if m.get(key) is not None]
+    mean[key] = float(np.mean(values)) if values else None
+  return mean

@@ -1,0 +1,22 @@
+import os
+
+import pytest
+
+# Tests never reach the network and never touch the user's caches.
+os.environ.setdefault("ADJAX_OFFLINE", "1")
+
+SHARED = os.path.abspath(os.path.join(os.path.dirname(__file__), "..", "..", "shared"))
+BOTTLE = os.path.join(SHARED, "data", "mvtec_ad", "bottle")
+
+
+@pytest.fixture(autouse=True)
+def _isolated_cache(tmp_path_factory, monkeypatch):
+  # One cache per test session: converted weights and the synthetic dataset are reused
+  # across tests, but never written to the user's ~/.cache.
+  monkeypatch.setenv("ADJAX_CACHE_DIR", str(tmp_path_factory.getbasetemp() / "adjax_cache"))
+
+
+def require_bottle():
+  if not os.path.isdir(BOTTLE):
+    pytest.fail(f"real-data tests need {BOTTLE} (../shared beside the checkout)")
+  return BOTTLE

@@ -1,0 +1,99 @@
+import numpy as np
+import pytest
+from sklearn import metrics as skm
+
+from adjax import metrics
+
+
+def test_auroc_matches_sklearn_on_random_data_with_ties():
+  rng = np.random.default_rng(0)
+  labels = rng.integers(0, 2, 5000)
+  scores = np.round(rng.normal(size=5000) + labels * 0.7, 1)  # many ties
+  assert metrics.auroc(labels, scores) == pytest.approx(skm.roc_auc_score(labels, scores), abs=1e-12)
+
+
+def test_auroc_hand_cases():
+  assert metrics.auroc([0, 0, 1, 1], [0.1, 0.2, 0.3, 0.4]) == 1.0
+  assert metrics.auroc([0, 0, 1, 1], [0.4, 0.3, 0.2, 0.1]) == 0.0
+  assert metrics.auroc([0, 1], [0.5, 0.5]) == 0.5
+  # One positive ranked between two negatives: 1 of 2 pairs correct.
+  assert metrics.auroc([0, 1, 0], [0.1, 0.5, 0.9]) == 0.5
+  assert metrics.auroc([1, 1], [0.1, 0.2]) is None
+
+
+def test_f1_max_matches_sklearn_precision_recall_curve():
+  rng = np.random.default_rng(1)
+  labels = rng.integers(0, 2, 3000)
+  scores = rng.normal(size=3000) + labels
+  precision, recall, thresholds = skm.precision_recall_curve(labels, scores)
+  f1 = 2 * precision * recall / np.maximum(precision + recall, 1e-300)
+  best = np.argmax(f1[:-1])
+  value, threshold = metrics.f1_max(labels, scores)
+  assert value == pytest.approx(f1[best], abs=1e-12)
+  assert threshold == pytest.approx(thresholds[best])
+
+
+def test_f1_max_hand_case():
+  # 0.9 is positive, 0.6 negative, 0.3 positive. t=0.9: P=1, R=.5, F1=2/3;
+  # t=0.6: P=.5, R=.5, F1=.5; t=0.3: P=2/3, R=1, F1=0.8 (best).
+  value, threshold = metrics.f1_max([1, 0, 1], [0.9, 0.6, 0.3])
+  assert value == pytest.approx(0.8)
+  assert threshold == 0.3
+
+
+def test_iou_hand_case():
+  masks = np.array([[1, 1, 0, 0]])
+  maps = np.array([[0.9, 0.1, 0.8, 0.0]])
+  assert metrics.iou(masks, maps, 0.5) == pytest.approx(1 / 3)
+
+
+def _pro_reference(masks, maps, fpr_limit):
+  """Slow reference: PRO and FPR evaluated at every distinct threshold, one at a time."""
+  import scipy.ndimage
+  thresholds = np.unique(maps)[::-1]
+  fprs, pros = [0.0], [0.0]
+  normal = ~masks.astype(bool)
+  for t in thresholds:
+    pred = maps >= t
+    fprs.append((pred & normal).sum() / normal.sum())
+    overlaps = []
+    for i, m in enumerate(masks):
+      lab, n = scipy.ndimage.label(m)
+      for k in range(1, n + 1):
+        region = lab == k
+        overlaps.append((pred[i] & region).sum() / region.sum())
+    pros.append(np.mean(overlaps))
+  fprs, pros = np.array(fprs), np.array(pros)
+  keep = fprs <= fpr_limit
+  x = np.r_[fprs[keep], fpr_limit]
+  y = np.r_[pros[keep], np.interp(fpr_limit, fprs, pros)]
+  return np.trapezoid(y, x) / fpr_limit
+
+
+def test_aupro_matches_dense_threshold_reference():
+  rng = np.random.default_rng(2)
+  masks = np.zeros((3, 12, 12), dtype=np.uint8)
+  masks[0, 2:5, 2:6] = 1
+  masks[0, 8:11, 8:10] = 1  # two regions in one image
+  masks[1, 5:9, 1:4] = 1
+  maps = rng.random((3, 12, 12)) + masks * 0.5
+  maps = np.round(maps, 2)
+  assert metrics.aupro(masks, maps) == pytest.approx(_pro_reference(masks, maps, 0.3), abs=1e-9)
+
+
+def test_aupro_perfect_and_hand_cases():
+  masks = np.zeros((1, 10, 10), dtype=bool)
+  masks[0, :2, :5] = True
+  perfect = masks.astype(float)
+  assert metrics.aupro(masks, perfect) == pytest.approx(1.0)
+  # A map that ranks all normal pixels above the anomalous ones: PRO stays 0 until FPR=1.
+  assert metrics.aupro(masks, 1.0 - perfect) == pytest.approx(0.0)
+  assert metrics.aupro(np.zeros((1, 4, 4)), np.zeros((1, 4, 4))) is None
+
+
+def test_evaluate_without_masks_leaves_pixel_metrics_null():
+  result = metrics.evaluate([0, 1, 1], [0.1, 0.9, 0.8])
+  assert result["image_auroc"] == 1.0
+  assert result["pixel_auroc"] is None and result["aupro"] is None
+  mean = metrics.mean_over_categories({"a": result, "b": dict(result, image_auroc=0.5)})
+  assert mean["image_auroc"] == 0.75 and mean["pixel_auroc"] is None
