@@ -1,0 +1,194 @@
+"""Dataset readers: folders on disk -> lists of `Record`s. No decoding, no model knowledge.
+
+Layouts (one `root`, categories below it):
+- mvtec_ad, mpdd:  <root>/<category>/train/good, test/<defect>, ground_truth/<defect>/<stem>_mask.png
+- btad:            <root>/<category>/train/ok, test/ok, test/ko, ground_truth/ko/<stem>.<png|bmp>
+- visa:            <root>/split_csv/1cls.csv (object,split,label,image,mask; paths relative to root)
+- texture_ad:      <root>/<category>/<subclass>/ with the MVTec layout inside each subclass. Texture-AD
+                   (Lei et al., 2024) organises images per category and subclass; adjax expects its
+                   subclasses unpacked this way. A subclass with no train images is "unseen".
+- folder:          <root>/train/good, test/good, test/<defect>, and optionally
+                   ground_truth/<defect>/<stem>[_mask].<ext>; without a ground_truth folder the
+                   dataset has no masks and pixel metrics are reported as null.
+- synthetic:       the built-in dataset (synthetic.py), generated on first use, texture_ad layout.
+"""
+
+import csv
+import dataclasses
+import os
+from typing import Optional
+
+from adjax.data import transforms
+from adjax.errors import ConfigError, DataError
+
+NAMES = ("mvtec_ad", "mpdd", "visa", "btad", "texture_ad", "folder", "synthetic")
+NORMAL_DIRS = ("good", "ok")
+
+
+@dataclasses.dataclass(frozen=True)
+class Record:
+  path: str
+  label: int  # 0 normal, 1 anomalous
+  defect_type: str  # 'good' for normal images
+  mask_path: Optional[str]  # None: normal image, or a dataset without masks
+  subclass: str = ""  # '' where the dataset has no subclasses
+  category: str = ""
+
+
+@dataclasses.dataclass
+class Split:
+  """The train and test records of one category."""
+  category: str
+  train: list
+  test: list
+  has_masks: bool
+
+  @property
+  def subclasses(self) -> list:
+    return sorted({r.subclass for r in self.train + self.test})
+
+  @property
+  def unseen_subclasses(self) -> list:
+    seen = {r.subclass for r in self.train}
+    return sorted({r.subclass for r in self.test} - seen)
+
+
+def _images_in(folder: str) -> list:
+  return sorted(os.path.join(folder, f) for f in os.listdir(folder)
+                if f.lower().endswith(transforms.IMAGE_EXTENSIONS) and not f.startswith("."))
+
+
+def _require_dir(path: str, what: str, fix: str) -> None:
+  if not os.path.isdir(path):
+    raise DataError(f"The {what} folder {path} does not exist. {fix}")
+
+
+def _find_mask(mask_dir: str, stem: str, image_path: str, required: bool) -> Optional[str]:
+  for name in (f"{stem}_mask", stem):
+    for ext in (".png", ".bmp", ".tif", ".tiff", ".jpg"):
+      candidate = os.path.join(mask_dir, name + ext)
+      if os.path.exists(candidate):
+        return candidate
+  if required:
+    raise DataError(f"The anomalous test image {image_path} has no mask: expected "
+                    f"{os.path.join(mask_dir, stem + '_mask.png')}. Add the mask, or move the image out "
+                    "of the test set.")
+  return None
+
+
+def _test_records(category_dir: str, category: str, subclass: str, has_masks: bool) -> list:
+  test_dir = os.path.join(category_dir, "test")
+  gt_dir = os.path.join(category_dir, "ground_truth")
+  test = []
+  for defect in sorted(d for d in os.listdir(test_dir) if os.path.isdir(os.path.join(test_dir, d))):
+    for p in _images_in(os.path.join(test_dir, defect)):
+      if defect in NORMAL_DIRS:
+        test.append(Record(p, 0, "good", None, subclass, category))
+      else:
+        stem = os.path.splitext(os.path.basename(p))[0]
+        mask = _find_mask(os.path.join(gt_dir, defect), stem, p, required=True) if has_masks else None
+        test.append(Record(p, 1, defect, mask, subclass, category))
+  return test
+
+
+def _mvtec_like(category_dir: str, category: str, subclass: str = "", normal: str = "good",
+                masks: str = "required", train_required: bool = True) -> Split:
+  """MVTec AD layout. masks: 'required', or 'optional' (all present if ground_truth/ exists, else none)."""
+  fix = f"Check data.root and data.category: {category_dir} should hold train/{normal} and test/."
+  _require_dir(category_dir, "category", fix)
+  train_dir = os.path.join(category_dir, "train", normal)
+  if train_required:
+    _require_dir(train_dir, "training", fix)
+  train = [Record(p, 0, "good", None, subclass, category) for p in _images_in(train_dir)] \
+      if os.path.isdir(train_dir) else []
+  _require_dir(os.path.join(category_dir, "test"), "test", fix)
+  has_masks = masks == "required" or os.path.isdir(os.path.join(category_dir, "ground_truth"))
+  return Split(category, train, _test_records(category_dir, category, subclass, has_masks), has_masks)
+
+
+def _merge(category: str, parts: list) -> Split:
+  return Split(category, [r for p in parts for r in p.train], [r for p in parts for r in p.test],
+               all(p.has_masks for p in parts))
+
+
+def _visa(root: str, category: str) -> Split:
+  csv_path = os.path.join(root, "split_csv", "1cls.csv")
+  if not os.path.exists(csv_path):
+    raise DataError(f"VisA split file {csv_path} does not exist. data.root must be the VisA folder "
+                    "that holds split_csv/1cls.csv (as unpacked from the official archive).")
+  train, test = [], []
+  with open(csv_path, newline="") as f:
+    for row in csv.DictReader(f):
+      if row["object"] != category:
+        continue
+      path = os.path.join(root, row["image"])
+      anomalous = row["label"].strip().lower() == "anomaly"
+      mask = os.path.join(root, row["mask"]) if anomalous and row.get("mask") else None
+      if anomalous and mask is None:
+        raise DataError(f"{csv_path} lists anomalous image {path} without a mask; fix the CSV.")
+      record = Record(path, int(anomalous), "anomaly" if anomalous else "good", mask, "", category)
+      (train if row["split"].strip() == "train" else test).append(record)
+  if not train and not test:
+    raise DataError(f"{csv_path} has no rows for category '{category}' (data.category).")
+  return Split(category, train, test, True)
+
+
+def list_categories(name: str, root: str) -> list:
+  if name == "visa":
+    with open(os.path.join(root, "split_csv", "1cls.csv"), newline="") as f:
+      return sorted({row["object"] for row in csv.DictReader(f)})
+  return sorted(d for d in os.listdir(root) if os.path.isdir(os.path.join(root, d))
+                and d not in ("split_csv",) and not d.startswith("."))
+
+
+def read_split(name: str, root: str, category: str) -> Split:
+  """Train/test records of one category. Raises DataError naming what is missing."""
+  if name not in NAMES:
+    raise ConfigError(f"Unknown dataset '{name}' in data.name. Choose one of: {', '.join(NAMES)}.")
+  if not root or not os.path.isdir(root):
+    raise DataError(f"The dataset root {root!r} (data.root) does not exist or is not a folder. "
+                    f"Set --config.data.root to the folder that holds the {name} data.")
+  if name in ("mvtec_ad", "mpdd"):
+    split = _mvtec_like(os.path.join(root, category), category)
+  elif name == "btad":
+    split = _mvtec_like(os.path.join(root, category), category, normal="ok")
+  elif name == "visa":
+    split = _visa(root, category)
+  elif name in ("texture_ad", "synthetic"):
+    category_dir = os.path.join(root, category)
+    _require_dir(category_dir, "category", "Check data.root and data.category.")
+    subclasses = sorted(d for d in os.listdir(category_dir) if os.path.isdir(os.path.join(category_dir, d)))
+    # Unseen subclasses have no (or an empty) train/good folder.
+    split = _merge(category, [_mvtec_like(os.path.join(category_dir, sub), category, sub, train_required=False)
+                              for sub in subclasses])
+  else:  # folder
+    split = _mvtec_like(root, category or os.path.basename(os.path.normpath(root)), masks="optional")
+  if not split.train:
+    raise DataError(f"No training images found for category '{category}' under {root}. "
+                    "Normal training images go in train/good (train/ok for BTAD).")
+  if not split.test:
+    raise DataError(f"No test images found for category '{category}' under {root}. "
+                    "Test images go in test/good and test/<defect type>.")
+  return split
+
+
+def categories_from_config(name: str, root: str, category: str) -> list:
+  """data.category: one name, a comma list, or 'all'."""
+  if category.strip() == "all":
+    return list_categories(name, root)
+  names = [c.strip() for c in category.split(",") if c.strip()]
+  if not names and name != "folder":
+    raise ConfigError("data.category is empty: name a category, a comma list, or 'all'.")
+  return names or [""]
+
+
+def validate(split: Split) -> None:
+  """Checks every file before any work starts: readable images, masks of the image's size."""
+  for record in split.train + split.test:
+    size = transforms.image_size_of(record.path, "image")
+    if record.mask_path is not None:
+      mask_size = transforms.image_size_of(record.mask_path, "mask")
+      if mask_size != size:
+        raise DataError(f"The mask {record.mask_path} is {mask_size[0]}x{mask_size[1]} but its image "
+                        f"{record.path} is {size[0]}x{size[1]}. Masks must have their image's size: "
+                        "replace the mask with one of the right size.")

@@ -1,0 +1,69 @@
+"""grain input pipelines: records -> decoded, resized, cropped, normalised, batched arrays.
+
+Each element is a dict of numpy arrays:
+  image (H, W, 3) float32, normalised with the backbone's mean/std
+  mask  (H, W) float32 in {0, 1} (zeros where there is no mask)
+  label () int32, index () int32 (position in the record list), subclass () int32
+Shuffling is deterministic from (seed, epoch). For multi-host runs each JAX process
+reads its own shard (`shard_index`/`shard_count`, by default this process's).
+"""
+
+import dataclasses
+from typing import Optional, Sequence
+
+import grain
+from absl import flags
+import jax
+import numpy as np
+
+from adjax.data import transforms
+from adjax.data.datasets import Record
+
+
+@dataclasses.dataclass(frozen=True)
+class Preprocess:
+  """Picklable per-element work, so grain worker processes can run it."""
+  records: tuple
+  image_size: int
+  crop_size: int
+  mean: tuple
+  std: tuple
+  subclass_ids: tuple  # subclass name per id
+
+  def __call__(self, index: int) -> dict:
+    record: Record = self.records[index]
+    image = transforms.load_image(record.path)
+    array = transforms.preprocess_image(image, self.image_size, self.crop_size, self.mean, self.std)
+    if record.mask_path is not None:
+      mask = transforms.preprocess_mask(transforms.load_mask(record.mask_path), self.image_size, self.crop_size)
+    else:
+      mask = np.zeros(array.shape[:2], np.float32)
+    subclass = self.subclass_ids.index(record.subclass) if record.subclass in self.subclass_ids else -1
+    return {"image": array, "mask": mask, "label": np.int32(record.label), "index": np.int32(index),
+            "subclass": np.int32(subclass)}
+
+
+def make_dataset(records: Sequence[Record], *, image_size: int, crop_size: int, mean, std, batch_size: int,
+                 shuffle: bool = False, seed: int = 0, epoch: int = 0, drop_remainder: bool = False,
+                 worker_count: int = 0, subclass_ids: Sequence[str] = (), shard_index: Optional[int] = None,
+                 shard_count: Optional[int] = None) -> grain.IterDataset:
+  shard_index = jax.process_index() if shard_index is None else shard_index
+  shard_count = jax.process_count() if shard_count is None else shard_count
+  preprocess = Preprocess(tuple(records), image_size, crop_size, tuple(mean), tuple(std), tuple(subclass_ids))
+  indices = grain.MapDataset.range(len(records))
+  if shuffle:
+    indices = indices.shuffle(seed=seed + 1_000_003 * epoch)
+  indices = indices[shard_index::shard_count]
+  dataset = indices.map(preprocess).batch(batch_size, drop_remainder=drop_remainder)
+  iterable = dataset.to_iter_dataset(grain.ReadOptions(num_threads=max(1, worker_count) * 2,
+                                                       prefetch_buffer_size=4))
+  if worker_count > 0:
+    if not flags.FLAGS.is_parsed():
+      flags.FLAGS.mark_as_parsed()  # grain's workers read absl flags; outside absl.app nobody parsed them
+    iterable = iterable.mp_prefetch(grain.MultiprocessingOptions(num_workers=worker_count))
+  return iterable
+
+
+def num_batches(num_records: int, batch_size: int, drop_remainder: bool = False, shard_count: int = 1) -> int:
+  per_shard = -(-num_records // shard_count)
+  return per_shard // batch_size if drop_remainder else -(-per_shard // batch_size)

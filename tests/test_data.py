@@ -1,0 +1,238 @@
+"""Dataset readers, the grain pipeline and bad-input errors, on real and generated data."""
+
+import os
+import shutil
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from adjax.data import datasets, pipeline, synthetic, transforms
+from adjax.errors import DataError, ConfigError
+from conftest import require_bottle
+
+MEAN, STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
+
+
+def test_real_bottle_split_counts():
+  split = datasets.read_split("mvtec_ad", os.path.dirname(require_bottle()), "bottle")
+  assert len(split.train) == 209
+  good = [r for r in split.test if r.label == 0]
+  bad = [r for r in split.test if r.label == 1]
+  assert (len(good), len(bad)) == (20, 63)
+  assert all(r.mask_path and os.path.exists(r.mask_path) for r in bad)
+  assert all(r.mask_path is None for r in good + split.train)
+  assert {r.defect_type for r in bad} == {"broken_large", "broken_small", "contamination"}
+  datasets.validate(split)
+
+
+def test_real_bottle_pipeline_shapes_and_mask_alignment():
+  split = datasets.read_split("mvtec_ad", os.path.dirname(require_bottle()), "bottle")
+  bad = [r for r in split.test if r.label == 1][:4]
+  batch = next(iter(pipeline.make_dataset(bad, image_size=256, crop_size=224, mean=MEAN, std=STD, batch_size=4)))
+  assert batch["image"].shape == (4, 224, 224, 3) and batch["image"].dtype == np.float32
+  assert batch["mask"].shape == (4, 224, 224)
+  assert set(np.unique(batch["mask"])) <= {0.0, 1.0}
+  for k, record in enumerate(bad):
+    # Same geometry as the image: the 224 crop of the 256 resize covers original pixels
+    # [56.25, 843.75) of the 900x900 image; the masked area inside it must match, scaled.
+    raw = transforms.load_mask(record.mask_path)
+    assert raw.shape == (900, 900)
+    expected = raw[56:844, 56:844].sum() * (256 / 900) ** 2
+    assert batch["mask"][k].sum() == pytest.approx(expected, rel=0.1, abs=20)
+
+
+def test_mask_and_image_transform_consistently():
+  # A white square on black and the same square as a mask must coincide after the transforms.
+  image = np.zeros((300, 400, 3), np.uint8)
+  image[100:180, 150:260] = 255
+  mask = image[..., 0] > 0
+  x = transforms.preprocess_image(Image.fromarray(image), 128, 112, (0, 0, 0), (1, 1, 1))
+  m = transforms.preprocess_mask(mask, 128, 112)
+  assert x.shape == (112, 112, 3) and m.shape == (112, 112)
+  assert np.mean((x[..., 0] >= 0.5) == (m > 0.5)) > 0.995
+
+
+def test_preprocess_matches_torchvision():
+  tv = pytest.importorskip("torchvision.transforms")
+  rng = np.random.default_rng(0)
+  image = Image.fromarray(rng.integers(0, 256, (300, 350, 3), dtype=np.uint8))
+  reference = tv.Compose([tv.Resize(256), tv.CenterCrop(224), tv.ToTensor(), tv.Normalize(MEAN, STD)])
+  expected = reference(image).numpy().transpose(1, 2, 0)
+  np.testing.assert_allclose(transforms.preprocess_image(image, 256, 224, MEAN, STD), expected, atol=1e-5)
+
+
+@pytest.mark.parametrize("mode", ["L", "RGBA", "I;16", "P", "LA", "CMYK"])
+def test_image_modes_become_rgb(tmp_path, mode):
+  rng = np.random.default_rng(1)
+  if mode == "I;16":
+    image = Image.fromarray(rng.integers(0, 65536, (20, 30), dtype=np.uint16))
+  else:
+    image = Image.fromarray(rng.integers(0, 256, (20, 30, 3), dtype=np.uint8)).convert(mode)
+  path = tmp_path / ("x.png" if mode != "CMYK" else "x.jpg")
+  image.save(path)
+  loaded = transforms.load_image(str(path))
+  assert loaded.mode == "RGB" and loaded.size == (30, 20)
+  if mode == "I;16":
+    expected = (np.asarray(image).astype(np.float64) / 257).round()
+    np.testing.assert_allclose(np.asarray(loaded)[..., 0], expected, atol=1)
+
+
+def _make_mvtec(root, n_train=3, defects=("crack",), size=(32, 32)):
+  rng = np.random.default_rng(0)
+  def save(path, array):
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    Image.fromarray(array).save(path)
+  for i in range(n_train):
+    save(f"{root}/cat/train/good/{i:03d}.png", rng.integers(0, 256, size + (3,), dtype=np.uint8))
+  save(f"{root}/cat/test/good/000.png", rng.integers(0, 256, size + (3,), dtype=np.uint8))
+  for d in defects:
+    save(f"{root}/cat/test/{d}/000.png", rng.integers(0, 256, size + (3,), dtype=np.uint8))
+    mask = np.zeros(size, np.uint8)
+    mask[4:9, 4:9] = 255
+    save(f"{root}/cat/ground_truth/{d}/000_mask.png", mask)
+  return str(root)
+
+
+def test_bad_input_corrupt_image(tmp_path):
+  root = _make_mvtec(tmp_path)
+  bad = tmp_path / "cat/train/good/001.png"
+  bad.write_bytes(b"\x89PNG\r\n\x1a\n garbage")
+  split = datasets.read_split("mvtec_ad", root, "cat")
+  with pytest.raises(DataError, match=str(bad)):
+    datasets.validate(split)
+
+
+def test_bad_input_truncated_image(tmp_path):
+  root = _make_mvtec(tmp_path, size=(64, 64))
+  path = tmp_path / "cat/test/good/000.png"
+  data = path.read_bytes()
+  path.write_bytes(data[: len(data) // 2])
+  with pytest.raises(DataError, match="000.png"):
+    datasets.validate(datasets.read_split("mvtec_ad", root, "cat"))
+
+
+def test_bad_input_missing_mask(tmp_path):
+  root = _make_mvtec(tmp_path)
+  os.remove(tmp_path / "cat/ground_truth/crack/000_mask.png")
+  with pytest.raises(DataError, match="has no mask.*000_mask.png"):
+    datasets.read_split("mvtec_ad", root, "cat")
+
+
+def test_bad_input_mask_of_wrong_size(tmp_path):
+  root = _make_mvtec(tmp_path)
+  Image.fromarray(np.zeros((16, 16), np.uint8)).save(tmp_path / "cat/ground_truth/crack/000_mask.png")
+  with pytest.raises(DataError, match="000_mask.png is 16x16 but its image"):
+    datasets.validate(datasets.read_split("mvtec_ad", root, "cat"))
+
+
+def test_bad_input_empty_and_missing_split_folders(tmp_path):
+  root = _make_mvtec(tmp_path)
+  for f in os.listdir(tmp_path / "cat/train/good"):
+    os.remove(tmp_path / "cat/train/good" / f)
+  with pytest.raises(DataError, match="No training images.*train/good"):
+    datasets.read_split("mvtec_ad", root, "cat")
+  shutil.rmtree(tmp_path / "cat/test")
+  os.makedirs(tmp_path / "cat/train/good/x", exist_ok=True)
+  with pytest.raises(DataError, match="test folder .*does not exist"):
+    datasets.read_split("mvtec_ad", root, "cat")
+
+
+def test_bad_input_missing_root_and_category(tmp_path):
+  with pytest.raises(DataError, match="data.root"):
+    datasets.read_split("mvtec_ad", str(tmp_path / "nowhere"), "cat")
+  root = _make_mvtec(tmp_path)
+  with pytest.raises(DataError, match="category folder .*nope"):
+    datasets.read_split("mvtec_ad", root, "nope")
+  with pytest.raises(ConfigError, match="data.name"):
+    datasets.read_split("imagenet", root, "cat")
+
+
+def test_folder_dataset_with_and_without_masks(tmp_path):
+  root = _make_mvtec(tmp_path)
+  split = datasets.read_split("folder", str(tmp_path / "cat"), "")
+  assert split.has_masks and all(r.mask_path for r in split.test if r.label)
+  shutil.rmtree(tmp_path / "cat/ground_truth")
+  split = datasets.read_split("folder", str(tmp_path / "cat"), "")
+  assert not split.has_masks and all(r.mask_path is None for r in split.test)
+
+
+def test_btad_and_visa_layouts(tmp_path):
+  rng = np.random.default_rng(0)
+  def save(path, array):
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    Image.fromarray(array).save(path)
+  img = lambda: rng.integers(0, 256, (16, 16, 3), dtype=np.uint8)
+  save(f"{tmp_path}/btad/01/train/ok/0000.bmp", img())
+  save(f"{tmp_path}/btad/01/test/ok/0000.bmp", img())
+  save(f"{tmp_path}/btad/01/test/ko/0001.bmp", img())
+  save(f"{tmp_path}/btad/01/ground_truth/ko/0001.png", np.full((16, 16), 255, np.uint8))
+  split = datasets.read_split("btad", f"{tmp_path}/btad", "01")
+  assert (len(split.train), len(split.test), split.test[0].label) == (1, 2, 1)
+  visa = tmp_path / "visa"
+  save(f"{visa}/candle/Data/Images/Normal/0000.JPG", img())
+  save(f"{visa}/candle/Data/Images/Normal/0001.JPG", img())
+  save(f"{visa}/candle/Data/Images/Anomaly/0002.JPG", img())
+  save(f"{visa}/candle/Data/Masks/Anomaly/0002.png", np.full((16, 16), 1, np.uint8))  # VisA: ids, not 255
+  os.makedirs(visa / "split_csv")
+  (visa / "split_csv/1cls.csv").write_text(
+      "object,split,label,image,mask\n"
+      "candle,train,normal,candle/Data/Images/Normal/0000.JPG,\n"
+      "candle,test,normal,candle/Data/Images/Normal/0001.JPG,\n"
+      "candle,test,anomaly,candle/Data/Images/Anomaly/0002.JPG,candle/Data/Masks/Anomaly/0002.png\n")
+  split = datasets.read_split("visa", str(visa), "candle")
+  assert (len(split.train), len(split.test)) == (1, 2)
+  assert transforms.load_mask(split.test[1].mask_path).all()
+
+
+def test_synthetic_dataset_is_deterministic_and_has_unseen_subclasses(tmp_path):
+  root_a = synthetic.ensure_generated(str(tmp_path / "a"))
+  split = datasets.read_split("synthetic", root_a, "cloth")
+  assert len(split.subclasses) == 5 and len(split.unseen_subclasses) == 2
+  assert not {r.subclass for r in split.train} & set(split.unseen_subclasses)
+  assert {r.defect_type for r in split.test if r.label} == set(synthetic.DEFECTS)
+  datasets.validate(split)
+  # Masks are exact: the defect changed pixels inside the mask and none outside.
+  record = next(r for r in split.test if r.defect_type == "hole")
+  mask = transforms.load_mask(record.mask_path)
+  assert 20 < mask.sum() < 0.1 * mask.size
+  # Same bytes when generated again elsewhere.
+  root_b = synthetic.ensure_generated(str(tmp_path / "b"))
+  rel = os.path.relpath(record.path, root_a)
+  assert open(record.path, "rb").read() == open(os.path.join(root_b, rel), "rb").read()
+
+
+def test_synthetic_defect_changes_only_masked_pixels():
+  rng = np.random.default_rng(0)
+  sub = synthetic.CATEGORIES["wood"][0]
+  for defect in synthetic.DEFECTS:
+    clean = synthetic.texture(sub, np.random.default_rng(5))
+    broken, mask = synthetic.add_defect(clean, defect, rng)
+    assert mask.any(), defect
+    np.testing.assert_array_equal(broken[~mask], clean[~mask])
+    assert np.abs(broken[mask] - clean[mask]).mean() > 0.02, defect
+
+
+def test_pipeline_shuffle_is_deterministic_and_sharding_partitions(tmp_path):
+  root = synthetic.ensure_generated(str(tmp_path / "s"))
+  records = datasets.read_split("synthetic", root, "metal").train[:12]
+  kw = dict(image_size=32, crop_size=32, mean=MEAN, std=STD, batch_size=4, shuffle=True, seed=3)
+  order = lambda **extra: np.concatenate([b["index"] for b in pipeline.make_dataset(records, **kw, **extra)])
+  first = order()
+  np.testing.assert_array_equal(first, order())
+  assert not np.array_equal(first, order(epoch=1))
+  assert sorted(first) == list(range(12))
+  shards = [order(shard_index=i, shard_count=3) for i in range(3)]
+  assert sorted(np.concatenate(shards)) == list(range(12))
+
+
+def test_pipeline_worker_processes_give_the_same_batches(tmp_path):
+  root = synthetic.ensure_generated(str(tmp_path / "s"))
+  records = datasets.read_split("synthetic", root, "wood").test[:6]
+  kw = dict(image_size=40, crop_size=32, mean=MEAN, std=STD, batch_size=3, subclass_ids=("oak", "walnut"))
+  inline = list(pipeline.make_dataset(records, **kw))
+  workers = list(pipeline.make_dataset(records, worker_count=2, **kw))
+  assert len(inline) == len(workers) == 2
+  for a, b in zip(inline, workers):
+    for key in a:
+      np.testing.assert_array_equal(a[key], b[key])
