@@ -12,7 +12,8 @@ The paper gives only the neighbourhood aggregation; steps 2-3 and their order fo
 the published code (PatchCore's patch maker, which SimpleNet reuses).
 """
 
-from typing import Sequence
+import dataclasses
+from typing import Callable, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -65,3 +66,33 @@ def patch_features(feature_maps: Sequence[jax.Array], pretrain_embed_dim: int = 
     per_layer.append(adaptive_avg_pool_last(patches, pretrain_embed_dim))
   stacked = jnp.concatenate(per_layer, axis=-1)  # (B, H, W, L * pretrain_embed_dim), layer-major
   return adaptive_avg_pool_last(stacked, target_embed_dim)
+
+
+@dataclasses.dataclass(frozen=True)
+class FeatureExtractor:
+  """Jitted images (B, H, W, 3) -> patch features (B, h, w, C); `spec` has the input normalisation."""
+  fn: Callable
+  spec: object
+
+  def __call__(self, images):
+    return self.fn(images)
+
+
+def make_feature_fn(model_config) -> FeatureExtractor:
+  """The patch feature extractor of a config's `model` block.
+
+  The backbone runs in `model.dtype`; patch aggregation and everything after it in float32.
+  """
+  from adjax import backbones
+  dtype = jnp.bfloat16 if model_config.dtype == "bfloat16" else jnp.float32
+  layers = tuple(model_config.layers)
+  extract, variables = backbones.make_extractor(model_config.backbone, layers, model_config.backbone_weights,
+                                                dtype=dtype)
+
+  @jax.jit
+  def features(images):
+    maps = extract(variables, images)
+    return patch_features([maps[t].astype(jnp.float32) for t in layers], model_config.pretrain_embed_dim,
+                          model_config.target_embed_dim, model_config.patch_size)
+
+  return FeatureExtractor(features, backbones.get_spec(model_config.backbone))

@@ -1,0 +1,89 @@
+"""The config keys every method shares; each configs/<method>.py starts from `base()`.
+
+Keys (override any with --config.<key>=<value>):
+  seed                      randomness for init, noise and shuffling
+  data.name                 mvtec_ad | mpdd | visa | btad | texture_ad | folder | synthetic
+  data.root                 dataset folder ('' for synthetic: generated into the adjax cache)
+  data.category             one category, a comma list, or 'all'
+  data.image_size           resize of the shorter side (torchvision Resize)
+  data.crop_size            center crop (torchvision CenterCrop)
+  data.workers              grain worker processes (0: decode in the main process)
+  model.name                the method module in adjax/methods
+  model.backbone            resnet18|resnet34|resnet50|wide_resnet50_2|vgg16|vgg19|efficientnet_lite0..2
+  model.backbone_weights    'imagenet', 'random', or a path to a .pth file
+  model.layers              backbone feature taps, shallow to deep
+  model.dtype               float32 | bfloat16 for the frozen backbone
+  train.epochs, train.batch_size
+  eval.batch_size, eval.smoothing_sigma (Gaussian on the upsampled map), eval.num_overlays
+"""
+
+import ml_collections
+
+
+def base() -> ml_collections.ConfigDict:
+  c = ml_collections.ConfigDict()
+  c.seed = 0
+  c.data = ml_collections.ConfigDict(dict(
+      name="synthetic", root="", category="cloth,wood,metal", image_size=160, crop_size=160, workers=0))
+  c.model = ml_collections.ConfigDict(dict(
+      name="", backbone="efficientnet_lite0", backbone_weights="imagenet", layers=("stage3", "stage5"),
+      dtype="float32", pretrain_embed_dim=1536, target_embed_dim=1536, patch_size=3))
+  c.train = ml_collections.ConfigDict(dict(epochs=1, batch_size=8, cache_features=True, log_every=10))
+  c.eval = ml_collections.ConfigDict(dict(batch_size=16, smoothing_sigma=4.0, pro_fpr_limit=0.3,
+                                          num_overlays=8))
+  return c
+
+
+def lite0_demo(c: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
+  """The offline default: built-in dataset, packaged EfficientNet-Lite0 ImageNet weights.
+
+  Lite0 stage3 (stride 8, 40 ch) and stage5 (stride 16, 112 ch) play the role of
+  WideResNet50 layer2 and layer3; 9 * 112 = 1008 values per location after the 3x3
+  aggregation, so the embeddings are pooled to 512 rather than 1536.
+  """
+  c.data.name, c.data.root, c.data.category = "synthetic", "", "cloth,wood,metal"
+  c.data.image_size = c.data.crop_size = 160
+  c.model.backbone, c.model.backbone_weights = "efficientnet_lite0", "imagenet"
+  c.model.layers = ("stage3", "stage5")
+  c.model.pretrain_embed_dim = c.model.target_embed_dim = 512
+  return c
+
+
+def wrn50_paper(c: ml_collections.ConfigDict, dataset: str) -> ml_collections.ConfigDict:
+  """SimpleNet's protocol: WideResNet50 layer2+3, 1536-d, 256 -> 224 (Liu et al. 2023, Sec. 4.1)."""
+  c.data.name = dataset
+  c.data.category = "all"
+  c.data.image_size, c.data.crop_size = 256, 224
+  c.model.backbone, c.model.backbone_weights = "wide_resnet50_2", "imagenet"
+  c.model.layers = ("layer2", "layer3")
+  c.model.pretrain_embed_dim = c.model.target_embed_dim = 1536
+  return c
+
+
+def validate(config) -> None:
+  """Checks values the type system cannot, before any data is read or weights loaded."""
+  from adjax import backbones, methods
+  from adjax.data import datasets
+  from adjax.errors import ConfigError
+  if config.data.name not in datasets.NAMES:
+    raise ConfigError(f"Unknown dataset '{config.data.name}' in data.name. Choose one of: "
+                      f"{', '.join(datasets.NAMES)}.")
+  methods.get(config.model.name)
+  spec = backbones.get_spec(config.model.backbone)
+  layers = list(config.model.layers) if isinstance(config.model.layers, (tuple, list)) else [config.model.layers]
+  bad = [t for t in layers if t not in spec.taps or t == "logits"]
+  if bad or not layers:
+    raise ConfigError(f"model.layers {layers} are not feature taps of {spec.name}; choose from "
+                      f"{', '.join(t for t in spec.taps if t != 'logits')} (shallow to deep).")
+  strides = [spec.strides[t] for t in layers]
+  if strides != sorted(strides):
+    raise ConfigError(f"model.layers {layers} must go from shallow to deep (strides {strides}).")
+  for key in ("data.image_size", "data.crop_size", "train.batch_size", "eval.batch_size"):
+    section, name = key.split(".")
+    if config[section][name] <= 0:
+      raise ConfigError(f"{key} must be positive, not {config[section][name]}.")
+  if config.data.crop_size > config.data.image_size:
+    raise ConfigError(f"data.crop_size ({config.data.crop_size}) must not exceed data.image_size "
+                      f"({config.data.image_size}): the crop is taken from the resized image.")
+  if config.model.dtype not in ("float32", "bfloat16"):
+    raise ConfigError(f"model.dtype must be 'float32' or 'bfloat16', not '{config.model.dtype}'.")

@@ -1,0 +1,151 @@
+"""Shared evaluation: anomaly maps at image resolution, metrics, reports and overlays."""
+
+import json
+import os
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from absl import logging
+from PIL import Image
+
+from adjax import io_utils, metrics, progress
+from adjax.data import pipeline, transforms
+
+
+def gaussian_kernel1d(sigma: float, truncate: float = 4.0) -> np.ndarray:
+  """scipy.ndimage.gaussian_filter's kernel (radius int(truncate * sigma + 0.5))."""
+  radius = int(truncate * sigma + 0.5)
+  x = np.arange(-radius, radius + 1, dtype=np.float64)
+  k = np.exp(-0.5 * (x / sigma) ** 2)
+  return (k / k.sum()).astype(np.float32)
+
+
+def gaussian_smooth(maps: jax.Array, sigma: float) -> jax.Array:
+  """scipy.ndimage.gaussian_filter(map, sigma) per map of (B, H, W), mode 'reflect'."""
+  if sigma <= 0:
+    return maps
+  k = jnp.asarray(gaussian_kernel1d(sigma))
+  r = (k.shape[0] - 1) // 2
+
+  def along(x, axis):
+    pad = [(0, 0)] * x.ndim
+    pad[axis] = (r, r)
+    # scipy's 'reflect' repeats the edge sample (d c b a | a b c d), numpy's 'symmetric'.
+    x = jnp.pad(x, pad, mode="symmetric")
+    n = x.shape[axis] - 2 * r
+    return sum(k[i] * jax.lax.slice_in_dim(x, i, i + n, axis=axis) for i in range(k.shape[0]))
+
+  return along(along(maps, 1), 2)
+
+
+def anomaly_maps(patch_maps: jax.Array, size: int, sigma: float) -> jax.Array:
+  """Patch scores -> (B, size, size): bilinear upsampling, then Gaussian smoothing (SimpleNet)."""
+  b = patch_maps.shape[0]
+  up = jax.image.resize(patch_maps[..., None], (b, size, size, 1), method="linear", antialias=False)[..., 0]
+  return gaussian_smooth(up, sigma)
+
+
+def score_dataset(config, method, state, feature_fn, records, desc):
+  """Runs the pipeline over `records`: image scores, maps, masks, labels, in record order."""
+  spec_mean, spec_std = feature_fn.spec.mean, feature_fn.spec.std
+  dataset = pipeline.make_dataset(
+      records, image_size=config.data.image_size, crop_size=config.data.crop_size, mean=spec_mean,
+      std=spec_std, batch_size=config.eval.batch_size, worker_count=config.data.workers,
+      shard_index=0, shard_count=1)
+
+  @jax.jit
+  def score_batch(state, images):
+    image_scores, patch_maps = method.score(config, state, feature_fn(images))
+    return image_scores, anomaly_maps(patch_maps, images.shape[1], config.eval.smoothing_sigma)
+
+  scores, maps, masks, labels, images = [], [], [], [], []
+  with progress.bar(len(records), desc) as bar:
+    for batch in dataset:
+      s, m = score_batch(state, batch["image"])
+      scores.append(np.asarray(s))
+      maps.append(np.asarray(m))
+      masks.append(batch["mask"])
+      labels.append(batch["label"])
+      images.append(batch["image"])
+      bar.update(len(batch["label"]))
+  return {"scores": np.concatenate(scores), "maps": np.concatenate(maps), "masks": np.concatenate(masks),
+          "labels": np.concatenate(labels), "images": np.concatenate(images)}
+
+
+def category_metrics(split, scored, config) -> dict:
+  masks = scored["masks"] if split.has_masks else None
+  result = metrics.evaluate(scored["labels"], scored["scores"], masks, scored["maps"] if split.has_masks else None,
+                            config.eval.pro_fpr_limit)
+  # Seen/unseen subclass breakdown (Adapted-MoE's setting) where subclasses exist.
+  if split.unseen_subclasses:
+    unseen = np.array([r.subclass in split.unseen_subclasses for r in split.test])
+    for name, sel in (("seen", ~unseen), ("unseen", unseen)):
+      sub = metrics.evaluate(scored["labels"][sel], scored["scores"][sel],
+                             masks[sel] if masks is not None else None,
+                             scored["maps"][sel] if masks is not None else None, config.eval.pro_fpr_limit)
+      result[name] = {k: sub[k] for k in ("image_auroc", "pixel_auroc", "aupro")}
+  return result
+
+
+def _colormap(x: np.ndarray) -> np.ndarray:
+  """Jet-like colours for x in [0, 1] -> uint8 RGB."""
+  r = np.clip(1.5 - np.abs(4 * x - 3), 0, 1)
+  g = np.clip(1.5 - np.abs(4 * x - 2), 0, 1)
+  b = np.clip(1.5 - np.abs(4 * x - 1), 0, 1)
+  return (np.stack([r, g, b], -1) * 255).astype(np.uint8)
+
+
+def overlay_panel(image_rgb: np.ndarray, mask, amap: np.ndarray, lo: float, hi: float) -> np.ndarray:
+  """[image | ground truth outline | heatmap blended over the image], one uint8 strip."""
+  norm = np.clip((amap - lo) / max(hi - lo, 1e-12), 0, 1)
+  heat = (0.5 * image_rgb + 0.5 * _colormap(norm)).astype(np.uint8)
+  truth = image_rgb.copy()
+  if mask is not None and mask.any():
+    truth[mask > 0.5] = (0.5 * truth[mask > 0.5] + 0.5 * np.array([255, 0, 0])).astype(np.uint8)
+  return np.concatenate([image_rgb, truth, heat], axis=1)
+
+
+def write_overlays(directory, split, scored, spec, count):
+  """PNG overlays for up to `count` test images, anomalous ones first, one colour scale per category."""
+  if count <= 0:
+    return
+  os.makedirs(directory, exist_ok=True)
+  order = np.argsort(-scored["labels"], kind="stable")
+  picks = np.r_[order[: count - count // 4], order[::-1][: count // 4]][:count]
+  lo, hi = np.percentile(scored["maps"], 1), np.percentile(scored["maps"], 99.9)
+  for i in picks:
+    record = split.test[int(i)]
+    rgb = transforms.denormalise(scored["images"][i], spec.mean, spec.std)
+    panel = overlay_panel(rgb, scored["masks"][i] if split.has_masks else None, scored["maps"][i], lo, hi)
+    name = f"{record.defect_type}_{record.subclass + '_' if record.subclass else ''}" \
+           f"{os.path.splitext(os.path.basename(record.path))[0]}.png"
+    io_utils.atomic_write(os.path.join(directory, name), lambda f: Image.fromarray(panel).save(f, format="PNG"))
+
+
+def _fmt(value):
+  return "n/a" if value is None else f"{100 * value:.2f}"
+
+
+def write_reports(workdir: str, per_category: dict, config) -> dict:
+  """metrics.json and metrics.md (atomically): one entry per category plus 'mean'."""
+  report = dict(per_category)
+  report["mean"] = metrics.mean_over_categories(per_category)
+  io_utils.write_json(os.path.join(workdir, "metrics.json"),
+                      {"metrics": report, "config": json.loads(config.to_json_best_effort())})
+  columns = ("image_auroc", "pixel_auroc", "aupro", "f1_max", "pixel_f1_max")
+  lines = [f"# {config.model.name} on {config.data.name} ({config.model.backbone})", "",
+           "| category | " + " | ".join(columns) + " |", "|---" * (len(columns) + 1) + "|"]
+  for name, values in report.items():
+    lines.append(f"| {name} | " + " | ".join(_fmt(values.get(c)) for c in columns) + " |")
+  sub_rows = [(n, v) for n, v in per_category.items() if "unseen" in v]
+  if sub_rows:
+    lines += ["", "Seen / unseen subclasses (image AUROC, pixel AUROC):", "",
+              "| category | seen I | seen P | unseen I | unseen P |", "|---|---|---|---|---|"]
+    for n, v in sub_rows:
+      lines.append(f"| {n} | {_fmt(v['seen']['image_auroc'])} | {_fmt(v['seen']['pixel_auroc'])} | "
+                   f"{_fmt(v['unseen']['image_auroc'])} | {_fmt(v['unseen']['pixel_auroc'])} |")
+  lines += ["", "Values in %. f1_max thresholds are read off the test set (they describe, not select).", ""]
+  io_utils.write_text(os.path.join(workdir, "metrics.md"), "\n".join(lines))
+  logging.info("Metrics:\n%s", "\n".join(lines))
+  return report

@@ -1,0 +1,23 @@
+"""Methods. Each module under adjax/methods implements the same small interface:
+
+  init(config, train_features, key) -> state
+      state: a pytree (params, optimiser state, statistics...). `train_features` are the
+      frozen-backbone patch features of the training set, (N, H, W, C), the only thing a
+      method sees of the data.
+  score(config, state, features) -> (image_scores (B,), patch_maps (B, H, W))
+      pure and jittable; higher = more anomalous.
+Methods trained by gradient descent add `train_step` (see train.py); methods know
+nothing about files, datasets or reports.
+"""
+
+import importlib
+
+from adjax.errors import ConfigError
+
+METHODS = ("patch_knn",)
+
+
+def get(name: str):
+  if name not in METHODS:
+    raise ConfigError(f"Unknown method '{name}' in model.name. Available: {', '.join(METHODS)}.")
+  return importlib.import_module(f"adjax.methods.{name}")

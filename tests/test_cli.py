@@ -1,0 +1,119 @@
+"""The command line end to end: train -> eval -> predict, and clean failures on bad input."""
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+
+import pytest
+
+from adjax.data import synthetic
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+SMALL = ["--config.data.category=wood", "--config.data.image_size=64", "--config.data.crop_size=64",
+         "--config.eval.num_overlays=3"]
+
+
+def run_cli(*args, env=None):
+  result = subprocess.run([sys.executable, "-m", "adjax.main", *args], cwd=ROOT, capture_output=True, text=True,
+                          env={**os.environ, **(env or {})}, timeout=600)
+  return result
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+  workdir = tmp_path_factory.mktemp("run")
+  data = synthetic.ensure_generated(str(tmp_path_factory.mktemp("data") / "synthetic"))
+  args = ["--config=configs/patch_knn.py", f"--config.data.root={data}", *SMALL]
+  result = run_cli(*args, f"--workdir={workdir}")
+  assert result.returncode == 0, result.stderr[-3000:]
+  return workdir, args, data
+
+
+def test_train_writes_metrics_overlays_checkpoint(trained):
+  workdir, _, _ = trained
+  report = json.load(open(workdir / "metrics.json"))
+  for entry in ("wood", "mean"):
+    for key in ("image_auroc", "pixel_auroc", "aupro", "f1_max"):
+      assert 0.0 <= report["metrics"][entry][key] <= 1.0, (entry, key)
+  assert report["metrics"]["wood"]["unseen"]["image_auroc"] is not None
+  assert report["config"]["model"]["name"] == "patch_knn"
+  # A real detector, not chance: wood defects are easy for nearest-neighbour patch distance.
+  assert report["metrics"]["wood"]["image_auroc"] > 0.8
+  assert "| wood |" in (workdir / "metrics.md").read_text()
+  assert len(os.listdir(workdir / "overlays" / "wood")) == 3
+  assert os.listdir(workdir / "checkpoints" / "wood")
+
+
+def test_eval_reproduces_train_metrics(trained, tmp_path):
+  workdir, args, _ = trained
+  before = json.load(open(workdir / "metrics.json"))["metrics"]
+  result = run_cli(*args, f"--workdir={workdir}", "--mode=eval")
+  assert result.returncode == 0, result.stderr[-3000:]
+  after = json.load(open(workdir / "metrics.json"))["metrics"]
+  assert after["wood"]["image_auroc"] == pytest.approx(before["wood"]["image_auroc"], abs=1e-6)
+
+
+def test_predict_scores_a_folder(trained, tmp_path):
+  workdir, args, data = trained
+  images = tmp_path / "new"
+  images.mkdir()
+  for name in ("test/good/000.png", "test/hole/001.png"):
+    shutil.copy(os.path.join(data, "wood", "oak", name), images / name.replace("/", "_"))
+  result = run_cli(*args, f"--workdir={workdir}", "--mode=predict", f"--predict_dir={images}",
+                   f"--config.data.category=wood")
+  assert result.returncode == 0, result.stderr[-3000:]
+  scores = json.load(open(workdir / "predictions" / "scores.json"))
+  assert len(scores) == 2
+  assert scores[0]["image"].endswith("hole_001.png")  # the defective one ranks first
+  assert len(os.listdir(workdir / "predictions" / "maps")) == 2
+
+
+def _assert_clean_failure(result, *needles):
+  assert result.returncode == 2, result.stderr[-2000:]
+  assert "Traceback" not in result.stderr
+  for needle in needles:
+    assert needle in result.stderr, result.stderr[-2000:]
+
+
+def test_unknown_config_key_and_wrong_type(tmp_path):
+  _assert_clean_failure(run_cli("--config=configs/patch_knn.py", "--config.data.nmae=x"), "data.nmae")
+  _assert_clean_failure(run_cli("--config=configs/patch_knn.py", "--config.data.image_size=big"),
+                        "data.image_size")
+  _assert_clean_failure(run_cli("--config=configs/patch_knn.py:nope"), "nope")
+  _assert_clean_failure(run_cli("--config=configs/missing.py"), "configs/missing.py")
+
+
+def test_bad_dataset_input_fails_before_work(tmp_path):
+  _assert_clean_failure(run_cli("--config=configs/patch_knn.py", "--config.data.name=mvtec_ad",
+                                f"--config.data.root={tmp_path}/nowhere", f"--workdir={tmp_path}/w"), "data.root")
+  root = tmp_path / "mv" / "cat"
+  (root / "train" / "good").mkdir(parents=True)
+  (root / "test" / "good").mkdir(parents=True)
+  (root / "train" / "good" / "000.png").write_bytes(b"broken")
+  (root / "test" / "good" / "000.png").write_bytes(b"broken")
+  _assert_clean_failure(run_cli("--config=configs/patch_knn.py", "--config.data.name=mvtec_ad",
+                                f"--config.data.root={tmp_path / 'mv'}", "--config.data.category=cat",
+                                f"--workdir={tmp_path}/w"), "train/good/000.png")
+
+
+def test_eval_without_training_and_with_corrupt_checkpoint(trained, tmp_path):
+  workdir, args, _ = trained
+  _assert_clean_failure(run_cli(*args, f"--workdir={tmp_path}/empty", "--mode=eval"), "Train first")
+  broken = tmp_path / "broken"
+  shutil.copytree(workdir, broken)
+  step_dir = broken / "checkpoints" / "wood"
+  for dirpath, _, files in os.walk(step_dir):
+    for f in files:
+      path = os.path.join(dirpath, f)
+      if os.path.getsize(path) > 0:
+        with open(path, "r+b") as handle:
+          handle.write(b"\x00garbage\xff" * 8)
+  _assert_clean_failure(run_cli(*args, f"--workdir={broken}", "--mode=eval"), "checkpoint")
+
+
+def test_eval_with_a_different_model_config_is_refused(trained):
+  workdir, args, _ = trained
+  _assert_clean_failure(run_cli(*args, f"--workdir={workdir}", "--mode=eval", "--config.model.memory_size=7"),
+                        "model.memory_size")
