@@ -31,7 +31,7 @@ def run(config, workdir: str, input_dir: str, output_dir: str = "") -> dict:
   for p in paths:
     transforms.image_size_of(p)
   records = [datasets.Record(p, 0, "unknown", None) for p in paths]
-  state = train.restore_state(workdir, categories[0])
+  state = train.restore_state(workdir, categories[0])["state"]
   method = methods.get(config.model.name)
   feature_fn = make_feature_fn(config.model)
   scored = evaluate.score_dataset(config, method, state, feature_fn, records, "predicting")

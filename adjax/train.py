@@ -4,6 +4,7 @@ features once, build the method's state, checkpoint it, evaluate and report.
 Methods are reached only through the interface in adjax/methods/__init__.py.
 """
 
+import functools
 import json
 import os
 
@@ -12,7 +13,7 @@ import numpy as np
 import orbax.checkpoint as ocp
 from absl import logging
 
-from adjax import configlib, evaluate, io_utils, methods, progress
+from adjax import configlib, evaluate, io_utils, methods, parallel, progress
 from adjax.backbones.patch_features import make_feature_fn
 from adjax.data import datasets, pipeline, synthetic
 from adjax.errors import CheckpointError, ConfigError
@@ -61,24 +62,32 @@ def checkpoint_manager(workdir: str, category: str) -> ocp.CheckpointManager:
 
 def save_state(workdir, category, step, state):
   with checkpoint_manager(workdir, category) as manager:
+    if step in manager.all_steps():
+      manager.delete(step)  # a re-run of a statistics-only method replaces its single checkpoint
     manager.save(step, args=ocp.args.StandardSave(state))
     manager.wait_until_finished()
 
 
-def restore_state(workdir, category):
+def _restore_latest(manager, path, target=None):
+  step = manager.latest_step()
+  if step is None:
+    raise CheckpointError(f"The checkpoint folder {path} holds no finished checkpoint; train again.")
+  try:
+    return manager.restore(step, args=ocp.args.StandardRestore(target))
+  except Exception as e:  # orbax raises many types for damaged files
+    raise CheckpointError(f"The checkpoint {path}/{step} cannot be read ({type(e).__name__}: {e}). "
+                          "Delete that step folder to fall back to the previous one, or train again.") from None
+
+
+def restore_state(workdir, category, target=None):
+  """The latest checkpoint {'state', 'epoch'}; `target` (a pytree of the same structure)
+  restores arrays with its types and shardings."""
   path = os.path.join(workdir, "checkpoints", category or "default")
   if not os.path.isdir(path):
     raise CheckpointError(f"No checkpoint for category '{category}' in {path}. Train first with "
                           f"--mode=train --workdir={workdir}.")
   with checkpoint_manager(workdir, category) as manager:
-    step = manager.latest_step()
-    if step is None:
-      raise CheckpointError(f"The checkpoint folder {path} holds no finished checkpoint; train again.")
-    try:
-      return manager.restore(step, args=ocp.args.StandardRestore())
-    except Exception as e:  # orbax raises many types for damaged files
-      raise CheckpointError(f"The checkpoint {path}/{step} cannot be read ({type(e).__name__}: {e}). "
-                            "Delete that step folder to fall back to the previous one, or train again.") from None
+    return _restore_latest(manager, path, target)
 
 
 RUN_CONFIG = "config.json"
@@ -103,14 +112,113 @@ def check_run_config(workdir, config):
       differing.append(f"data.{key}")
   if differing:
     raise ConfigError(f"The config differs from the one {workdir} was trained with in {', '.join(differing)}. "
-                      f"Use the same config file and overrides (saved in {path}).")
+                      f"Use the same config file and overrides (saved in {path}), or a new --workdir.")
 
 
-def fit_category(config, method, feature_fn, split, key):
+class FeatureSource:
+  """Per-epoch batches of patch features for gradient training.
+
+  cache_features=True (the default; the papers use no random augmentation for these
+  methods): the frozen backbone runs once per dataset and its features are reused every
+  epoch, on the device when they fit in train.feature_cache_device_mb, else on the host.
+  cache_features=False recomputes them from the images each epoch, as the reference
+  PyTorch code does; both give the same batches in the same order.
+  """
+
+  def __init__(self, config, feature_fn, records, subclass_ids):
+    self.config, self.feature_fn, self.records = config, feature_fn, records
+    self.subclass = np.asarray([subclass_ids.index(r.subclass) if r.subclass in subclass_ids else -1
+                                for r in records], np.int32)
+    self.features = None
+    if config.train.cache_features:
+      features = compute_features(config, feature_fn, records, "caching features", subclass_ids)
+      megabytes = features.nbytes / 2 ** 20
+      if megabytes <= config.train.feature_cache_device_mb:
+        self.features = jax.device_put(features)
+        logging.info("Feature cache: %s, %.0f MB on device", features.shape, megabytes)
+      else:
+        self.features = features
+        logging.info("Feature cache: %s, %.0f MB on host (over train.feature_cache_device_mb)",
+                     features.shape, megabytes)
+
+  def epoch(self, order, batch_size):
+    """Yields {'features', 'subclass'} batches following `order` (indices into records)."""
+    if self.features is not None:
+      for start in range(0, len(order), batch_size):
+        idx = order[start:start + batch_size]
+        yield {"features": self.features[idx], "subclass": self.subclass[idx]}
+      return
+    ordered = [self.records[i] for i in order]
+    dataset = pipeline.make_dataset(
+        ordered, image_size=self.config.data.image_size, crop_size=self.config.data.crop_size,
+        mean=self.feature_fn.spec.mean, std=self.feature_fn.spec.std, batch_size=batch_size,
+        worker_count=self.config.data.workers, shard_index=0, shard_count=1)
+    for start, batch in zip(range(0, len(order), batch_size), dataset):
+      idx = order[start:start + batch_size]
+      yield {"features": self.feature_fn(batch["image"]), "subclass": self.subclass[idx]}
+
+
+def epoch_order(seed: int, epoch: int, n: int) -> np.ndarray:
+  """The shuffled order of epoch `epoch`: a pure function of (seed, epoch), so resumes replay it."""
+  return np.random.default_rng([seed, epoch]).permutation(n)
+
+
+def train_gradient(config, method, source: FeatureSource, state, key, workdir: str, category: str):
+  """Epochs of method.train_step, data-parallel over all devices, checkpointed and resumable.
+
+  Randomness of step t is fold_in(key, t), the data order of epoch e is epoch_order(seed, e):
+  an interrupted run restarted with the same workdir continues from its last checkpoint and
+  ends with exactly the parameters of an uninterrupted run.
+  """
+  mesh = parallel.data_mesh()
+  n = len(source.records)
+  batch_size = config.train.batch_size
+  steps_per_epoch = -(-n // batch_size)
+  start_epoch = 0
+  with checkpoint_manager(workdir, category) as manager:
+    if manager.latest_step() is not None:
+      restored = _restore_latest(manager, manager.directory, target={"state": state, "epoch": 0})
+      state, start_epoch = restored["state"], int(restored["epoch"]) + 1
+      logging.info("Resuming %s from the checkpoint after epoch %d", category, start_epoch)
+    state = jax.device_put(state, parallel.replicated(mesh))
+    step = jax.jit(functools.partial(method.train_step, config), donate_argnums=0)
+    with progress.bar((config.train.epochs - start_epoch) * steps_per_epoch, f"training {category}", "step") as bar:
+      for epoch in range(start_epoch, config.train.epochs):
+        totals = {}
+        for i, batch in enumerate(source.epoch(epoch_order(config.seed, epoch, n), batch_size)):
+          step_key = jax.random.fold_in(key, epoch * steps_per_epoch + i)
+          state, metrics = step(state, parallel.put_batch(batch, mesh), step_key)
+          for k, v in metrics.items():
+            totals[k] = totals.get(k, 0.0) + v
+          bar.update(1)
+        means = {k: float(v) / steps_per_epoch for k, v in totals.items()}
+        bar.set_postfix({k: f"{v:.4f}" for k, v in means.items()})
+        last = epoch == config.train.epochs - 1
+        if last or (epoch + 1) % config.train.checkpoint_every == 0:
+          manager.save(epoch, args=ocp.args.StandardSave({"state": state, "epoch": epoch}))
+        if (epoch + 1) % config.train.log_every == 0 or last:
+          logging.info("%s epoch %d/%d: %s", category, epoch + 1, config.train.epochs,
+                       ", ".join(f"{k} {v:.4f}" for k, v in means.items()))
+    manager.wait_until_finished()
+  return state
+
+
+def fit_category(config, method, feature_fn, split, key, workdir):
+  """The trained state of one category: statistics-only methods from cached features,
+  gradient-trained methods (those with `train_step`) through train_gradient."""
   subclass_ids = split.subclasses
-  train_features = compute_features(config, feature_fn, split.train, f"features {split.category}", subclass_ids)
-  logging.info("Train features of %s: %s", split.category, train_features.shape)
-  return method.init(config, train_features, key)
+  init_key, train_key = jax.random.split(key)
+  if not hasattr(method, "train_step"):
+    train_features = compute_features(config, feature_fn, split.train, f"features {split.category}", subclass_ids)
+    state = method.init(config, train_features, init_key)
+    save_state(workdir, split.category, 0, {"state": state, "epoch": 0})
+    return state
+  source = FeatureSource(config, feature_fn, split.train, subclass_ids)
+  sample = source.features[:1] if source.features is not None else None
+  if sample is None:
+    sample = next(source.epoch(np.arange(1), 1))["features"]
+  state = method.init(config, np.asarray(sample), init_key)
+  return train_gradient(config, method, source, state, train_key, workdir, split.category)
 
 
 def run(config, workdir: str, mode: str) -> dict:
@@ -120,6 +228,8 @@ def run(config, workdir: str, mode: str) -> dict:
   splits = load_splits(config)
   os.makedirs(workdir, exist_ok=True)
   if mode == "train":
+    if os.path.exists(os.path.join(workdir, RUN_CONFIG)):
+      check_run_config(workdir, config)  # resuming: the model and data must be the same
     write_run_config(workdir, config)
   else:
     check_run_config(workdir, config)
@@ -127,12 +237,11 @@ def run(config, workdir: str, mode: str) -> dict:
   key = jax.random.key(config.seed)
   per_category = {}
   for split in splits:
+    key, sub = jax.random.split(key)  # split in eval mode too, so keys never depend on the mode
     if mode == "train":
-      key, sub = jax.random.split(key)
-      state = fit_category(config, method, feature_fn, split, sub)
-      save_state(workdir, split.category, 0, state)
+      state = fit_category(config, method, feature_fn, split, sub, workdir)
     else:
-      state = restore_state(workdir, split.category)
+      state = restore_state(workdir, split.category)["state"]
     scored = evaluate.score_dataset(config, method, state, feature_fn, split.test, f"scoring {split.category}")
     per_category[split.category] = evaluate.category_metrics(split, scored, config)
     evaluate.write_overlays(os.path.join(workdir, "overlays", split.category), split, scored, feature_fn.spec,

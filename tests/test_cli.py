@@ -117,3 +117,25 @@ def test_eval_with_a_different_model_config_is_refused(trained):
   workdir, args, _ = trained
   _assert_clean_failure(run_cli(*args, f"--workdir={workdir}", "--mode=eval", "--config.model.memory_size=7"),
                         "model.memory_size")
+
+
+@pytest.mark.parametrize("config", ["configs/simplenet.py", "configs/rsad.py"])
+def test_gradient_method_trains_resumes_and_evaluates(config, tmp_path_factory):
+  data = synthetic.ensure_generated(str(tmp_path_factory.mktemp("data") / "synthetic"))
+  workdir = tmp_path_factory.mktemp("run")
+  args = [f"--config={config}", f"--config.data.root={data}", *SMALL, "--config.train.epochs=2",
+          "--config.train.checkpoint_every=1", f"--workdir={workdir}"]
+  result = run_cli(*args)
+  assert result.returncode == 0, result.stderr[-3000:]
+  assert sorted(os.listdir(workdir / "checkpoints" / "wood")) == ["0", "1"]
+  trained = json.load(open(workdir / "metrics.json"))["metrics"]["wood"]
+  # A longer run in the same workdir resumes after epoch 2 instead of starting again.
+  result = run_cli(*[a if not a.startswith("--config.train.epochs") else "--config.train.epochs=3" for a in args])
+  assert result.returncode == 0, result.stderr[-3000:]
+  assert "Resuming wood from the checkpoint after epoch 2" in result.stderr
+  result = run_cli(*[a if not a.startswith("--config.train.epochs") else "--config.train.epochs=3" for a in args],
+                   "--mode=eval")
+  assert result.returncode == 0, result.stderr[-3000:]
+  evaluated = json.load(open(workdir / "metrics.json"))["metrics"]["wood"]
+  assert 0.0 <= evaluated["image_auroc"] <= 1.0 and evaluated["pixel_auroc"] is not None
+  assert trained["image_auroc"] is not None

@@ -92,7 +92,8 @@ def make_feature_fn(model_config) -> FeatureExtractor:
   @jax.jit
   def features(images):
     maps = extract(variables, images)
-    return patch_features([maps[t].astype(jnp.float32) for t in layers], model_config.pretrain_embed_dim,
-                          model_config.target_embed_dim, model_config.patch_size)
+    features = patch_features([maps[t].astype(jnp.float32) for t in layers], model_config.pretrain_embed_dim,
+                              model_config.target_embed_dim, model_config.patch_size)
+    return features * model_config.feature_scale
 
   return FeatureExtractor(features, backbones.get_spec(model_config.backbone))

@@ -6,15 +6,19 @@
       method sees of the data.
   score(config, state, features) -> (image_scores (B,), patch_maps (B, H, W))
       pure and jittable; higher = more anomalous.
-Methods trained by gradient descent add `train_step` (see train.py); methods know
-nothing about files, datasets or reports.
+Methods trained by gradient descent add
+  train_step(config, state, batch, key) -> (state, metrics)
+      pure; batch = {'features': (B, H, W, C), 'subclass': (B,)}; train.py jits it over a
+      data-parallel device mesh, feeds cached features and checkpoints `state`.
+`init` then receives only a sample of the features (for shapes). Methods know nothing
+about files, datasets or reports.
 """
 
 import importlib
 
 from adjax.errors import ConfigError
 
-METHODS = ("patch_knn",)
+METHODS = ("patch_knn", "simplenet", "rsad")
 
 
 def get(name: str):

@@ -1,0 +1,44 @@
+"""Pieces shared by the noise-discriminator family (SimpleNet, RSAD, Adapted-MoE experts)."""
+
+import math
+from typing import Sequence
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+
+def torch_bias_init(fan_in: int):
+  """torch.nn.Linear's default bias init, U(-1/sqrt(fan_in), 1/sqrt(fan_in)). The reference
+  implementations re-initialise only the weights (xavier normal), so biases keep this."""
+  bound = 1.0 / math.sqrt(fan_in)
+
+  def init(key, shape, dtype=jnp.float32):
+    return jax.random.uniform(key, shape, dtype, -bound, bound)
+  return init
+
+
+class Discriminator(nn.Module):
+  """MLP: per hidden width Linear + BatchNorm1d + LeakyReLU(0.2), then Linear(., 1, no bias).
+
+  SimpleNet's official discriminator with hidden=(1024,); RSAD's three-layer version with
+  two hidden layers and `sigmoid=True`.
+  """
+  hidden: Sequence[int] = (1024,)
+  sigmoid: bool = False
+
+  @nn.compact
+  def __call__(self, x, train: bool):
+    for i, width in enumerate(self.hidden):
+      x = nn.Dense(width, kernel_init=nn.initializers.xavier_normal(), bias_init=torch_bias_init(x.shape[-1]),
+                   name=f"fc{i}")(x)
+      # torch BatchNorm1d: momentum 0.1 (flax 0.9), eps 1e-5, batch statistics while training.
+      x = nn.BatchNorm(use_running_average=not train, momentum=0.9, epsilon=1e-5, name=f"bn{i}")(x)
+      x = nn.leaky_relu(x, 0.2)
+    x = nn.Dense(1, use_bias=False, kernel_init=nn.initializers.xavier_normal(), name="tail")(x)
+    return nn.sigmoid(x) if self.sigmoid else x
+
+
+def truncated_l1(true_scores, fake_scores, th_pos, th_neg):
+  """SimpleNet eq. 6 / RSAD eq. 7: max(0, th+ - D(q)) + max(0, -th- + D(q-)), averaged."""
+  return jnp.mean(jnp.maximum(0.0, th_pos - true_scores)) + jnp.mean(jnp.maximum(0.0, fake_scores - th_neg))

@@ -1,0 +1,93 @@
+"""SimpleNet (Liu et al., CVPR 2023): the noise-discriminator baseline of RSAD and Adapted-MoE.
+
+patch features -> feature adaptor (one linear layer) -> Gaussian noise in feature space
+makes "anomalous" copies -> MLP discriminator -> truncated-L1 loss (Sec. 3.2-3.5):
+    L = mean(max(0, th+ - D(q))) + mean(max(0, -th- + D(q + eps))),  eps ~ N(0, sigma^2 I)
+Anomaly of a patch = -D(adaptor(feature)); image score = the largest patch anomaly.
+
+Where the paper is silent this follows the official implementation (github DonaldRR/SimpleNet):
+adaptor = 1 linear layer (pre_proj=1), AdamW lr 1e-4 (its lr 1e-3 * 0.1) with torch AdamW's
+default weight decay 0.01; discriminator = Linear(C, 1024) + BatchNorm1d + LeakyReLU(0.2)
++ Linear(1024, 1, no bias), xavier-normal weights, Adam lr 2e-4 with (coupled) weight decay
+1e-5; 40 meta-epochs x 4 discriminator epochs = 160 passes over the data, no LR schedule.
+Unlike that code, adjax never picks the epoch with the best test AUROC: the final model
+is reported.
+"""
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import optax
+
+from adjax.methods import common
+
+
+class Adaptor(nn.Module):
+  """The feature adaptor G: `layers` linear maps C -> C (official default: one)."""
+  layers: int = 1
+
+  @nn.compact
+  def __call__(self, x):
+    for i in range(self.layers):
+      x = nn.Dense(x.shape[-1], kernel_init=nn.initializers.xavier_normal(), bias_init=common.torch_bias_init(x.shape[-1]),
+                   name=f"fc{i}")(x)
+      if i < self.layers - 1:
+        x = nn.leaky_relu(x, 0.2)
+    return x
+
+
+def _model(config):
+  return Adaptor(config.model.adaptor_layers), common.Discriminator(tuple(config.model.dsc_hidden))
+
+
+def init(config, train_features, key):
+  adaptor, discriminator = _model(config)
+  c = train_features.shape[-1]
+  k1, k2 = jax.random.split(key)
+  dummy = jnp.zeros((2, c), jnp.float32)
+  dsc_vars = discriminator.init(k2, dummy, train=False)
+  params = {"adaptor": adaptor.init(k1, dummy)["params"], "discriminator": dsc_vars["params"]}
+  tx = _optimizer(config)
+  return {"params": params, "batch_stats": dsc_vars["batch_stats"], "opt_state": tx.init(params),
+          "step": jnp.zeros((), jnp.int32)}
+
+
+def _optimizer(config):
+  m = config.model
+  return optax.multi_transform({
+      "adaptor": optax.adamw(m.adaptor_lr, weight_decay=m.adaptor_weight_decay),
+      "discriminator": optax.chain(optax.add_decayed_weights(m.dsc_weight_decay), optax.adam(m.dsc_lr)),
+  }, {"adaptor": "adaptor", "discriminator": "discriminator"})
+
+
+def loss_fn(config, params, batch_stats, features, key):
+  """Truncated-L1 loss of one batch of patch features (B, H, W, C); returns (loss, (stats, metrics))."""
+  adaptor, discriminator = _model(config)
+  true = adaptor.apply({"params": params["adaptor"]}, features.reshape(-1, features.shape[-1]))
+  fake = true + config.model.noise_std * jax.random.normal(key, true.shape, true.dtype)
+  # One discriminator call on [true; fake], as the reference does: BatchNorm sees both.
+  scores, updates = discriminator.apply({"params": params["discriminator"], "batch_stats": batch_stats},
+                                        jnp.concatenate([true, fake]), train=True, mutable=["batch_stats"])
+  true_scores, fake_scores = jnp.split(scores[:, 0], 2)
+  loss = common.truncated_l1(true_scores, fake_scores, config.model.th_pos, config.model.th_neg)
+  metrics = {"loss": loss, "p_true": jnp.mean(true_scores >= config.model.th_pos),
+             "p_fake": jnp.mean(fake_scores < config.model.th_neg)}
+  return loss, (updates["batch_stats"], metrics)
+
+
+def train_step(config, state, batch, key):
+  grad_fn = jax.value_and_grad(loss_fn, argnums=1, has_aux=True)
+  (_, (batch_stats, metrics)), grads = grad_fn(config, state["params"], state["batch_stats"], batch["features"], key)
+  updates, opt_state = _optimizer(config).update(grads, state["opt_state"], state["params"])
+  params = optax.apply_updates(state["params"], updates)
+  return {"params": params, "batch_stats": batch_stats, "opt_state": opt_state, "step": state["step"] + 1}, metrics
+
+
+def score(config, state, features):
+  adaptor, discriminator = _model(config)
+  b, h, w, c = features.shape
+  adapted = adaptor.apply({"params": state["params"]["adaptor"]}, features.reshape(-1, c))
+  d = discriminator.apply({"params": state["params"]["discriminator"], "batch_stats": state["batch_stats"]},
+                          adapted, train=False)
+  maps = -d[:, 0].reshape(b, h, w)
+  return maps.max(axis=(1, 2)), maps
