@@ -60,6 +60,15 @@ def lite0_demo(c: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
   return c
 
 
+def lite0_real_data(c: ml_collections.ConfigDict, dataset: str) -> ml_collections.ConfigDict:
+  """A real dataset with the offline Lite0 backbone (e.g. MVTec AD bottle in the accuracy
+  benchmarks): the paper-standard 256 -> 224 preprocessing, all categories by default."""
+  lite0_demo(c)
+  c.data.name, c.data.category = dataset, "all"
+  c.data.image_size, c.data.crop_size = 256, 224
+  return c
+
+
 def wrn50_paper(c: ml_collections.ConfigDict, dataset: str) -> ml_collections.ConfigDict:
   """SimpleNet's protocol: WideResNet50 layer2+3, 1536-d, 256 -> 224 (Liu et al. 2023, Sec. 4.1)."""
   c.data.name = dataset

@@ -141,6 +141,12 @@ class FeatureSource:
         logging.info("Feature cache: %s, %.0f MB on host (over train.feature_cache_device_mb)",
                      features.shape, megabytes)
 
+  def all_features(self):
+    """Every record's features in record order (from the cache, or computed now)."""
+    if self.features is not None:
+      return np.asarray(self.features)
+    return np.concatenate([np.asarray(b["features"]) for b in self.epoch(np.arange(len(self.records)), 8)])
+
   def epoch(self, order, batch_size):
     """Yields {'features', 'subclass'} batches following `order` (indices into records)."""
     if self.features is not None:
@@ -206,19 +212,29 @@ def train_gradient(config, method, source: FeatureSource, state, key, workdir: s
 def fit_category(config, method, feature_fn, split, key, workdir):
   """The trained state of one category: statistics-only methods from cached features,
   gradient-trained methods (those with `train_step`) through train_gradient."""
-  subclass_ids = split.subclasses
-  init_key, train_key = jax.random.split(key)
+  subclass_ids = sorted({r.subclass for r in split.train})  # experts exist for seen subclasses only
+  init_key, train_key, assign_key = jax.random.split(key, 3)
   if not hasattr(method, "train_step"):
     train_features = compute_features(config, feature_fn, split.train, f"features {split.category}", subclass_ids)
-    state = method.init(config, train_features, init_key)
+    state = method.init(config, train_features, init_key, len(subclass_ids))
     save_state(workdir, split.category, 0, {"state": state, "epoch": 0})
     return state
   source = FeatureSource(config, feature_fn, split.train, subclass_ids)
-  sample = source.features[:1] if source.features is not None else None
-  if sample is None:
-    sample = next(source.epoch(np.arange(1), 1))["features"]
-  state = method.init(config, np.asarray(sample), init_key)
-  return train_gradient(config, method, source, state, train_key, workdir, split.category)
+  if hasattr(method, "assign_subclasses"):
+    source.subclass = np.asarray(method.assign_subclasses(config, source.all_features(), source.subclass, assign_key),
+                                 np.int32)
+  num_subclasses = int(source.subclass.max()) + 1
+  if len(subclass_ids) > 1 or num_subclasses > 1:
+    counts = np.bincount(source.subclass, minlength=num_subclasses)
+    names = subclass_ids if len(subclass_ids) == num_subclasses else [f"cluster{k}" for k in range(num_subclasses)]
+    logging.info("%s: %d training subclasses %s", split.category, num_subclasses, dict(zip(names, counts.tolist())))
+  sample = source.features[:1] if source.features is not None else next(source.epoch(np.arange(1), 1))["features"]
+  state = method.init(config, np.asarray(sample), init_key, num_subclasses)
+  state = train_gradient(config, method, source, state, train_key, workdir, split.category)
+  if hasattr(method, "finalize"):
+    state = method.finalize(config, state, source.epoch(np.arange(len(source.records)), config.train.batch_size))
+    save_state(workdir, split.category, config.train.epochs - 1, {"state": state, "epoch": config.train.epochs - 1})
+  return state
 
 
 def run(config, workdir: str, mode: str) -> dict:

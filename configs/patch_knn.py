@@ -21,9 +21,7 @@ def get_config(arg: str = ""):
   elif arg == "mvtec_ad":
     configlib.wrn50_paper(c, "mvtec_ad")
   elif arg == "mvtec_ad_lite0":
-    configlib.lite0_demo(c)
-    c.data.name, c.data.category = "mvtec_ad", "all"
-    c.data.image_size, c.data.crop_size = 256, 224
+    configlib.lite0_real_data(c, "mvtec_ad")
   else:
     raise ValueError(f"unknown variant '{arg}' of configs/patch_knn.py: use '', 'mvtec_ad' or 'mvtec_ad_lite0'")
   return c

@@ -43,9 +43,7 @@ def get_config(arg: str = ""):
   elif arg in ("mpdd", "mvtec_ad", "visa"):
     configlib.wrn50_paper(c, arg)
   elif arg == "mvtec_ad_lite0":
-    configlib.lite0_demo(c)
-    c.data.name, c.data.category = "mvtec_ad", "all"
-    c.data.image_size, c.data.crop_size = 256, 224
+    configlib.lite0_real_data(c, "mvtec_ad")
   else:
     raise ValueError(f"unknown variant '{arg}' of configs/rsad.py: use '', 'mpdd', 'mvtec_ad', 'visa' or "
                      "'mvtec_ad_lite0', optionally with '_no_adapter' or '_fc'")

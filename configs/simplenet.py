@@ -39,9 +39,7 @@ def get_config(arg: str = ""):
     configlib.wrn50_paper(c, arg)
     c.data.image_size, c.data.crop_size = 329, 288  # the official run script's --resize/--imagesize
   elif arg == "mvtec_ad_lite0":
-    configlib.lite0_demo(c)
-    c.data.name, c.data.category = "mvtec_ad", "all"
-    c.data.image_size, c.data.crop_size = 256, 224
+    configlib.lite0_real_data(c, "mvtec_ad")
   else:
     raise ValueError(f"unknown variant '{arg}' of configs/simplenet.py: use '', 'mvtec_ad', 'mvtec_ad_lite0', "
                      "'visa' or 'mpdd'")

@@ -1,6 +1,6 @@
 """Methods. Each module under adjax/methods implements the same small interface:
 
-  init(config, train_features, key) -> state
+  init(config, train_features, key, num_subclasses=1) -> state
       state: a pytree (params, optimiser state, statistics...). `train_features` are the
       frozen-backbone patch features of the training set, (N, H, W, C), the only thing a
       method sees of the data.
@@ -10,15 +10,17 @@ Methods trained by gradient descent add
   train_step(config, state, batch, key) -> (state, metrics)
       pure; batch = {'features': (B, H, W, C), 'subclass': (B,)}; train.py jits it over a
       data-parallel device mesh, feeds cached features and checkpoints `state`.
-`init` then receives only a sample of the features (for shapes). Methods know nothing
-about files, datasets or reports.
+`init` then receives only a sample of the features (for shapes). Optional hooks:
+  assign_subclasses(config, features, subclass, key) -> subclass   before training
+  finalize(config, state, batches) -> state                        after training
+Methods know nothing about files, datasets or reports.
 """
 
 import importlib
 
 from adjax.errors import ConfigError
 
-METHODS = ("patch_knn", "simplenet", "rsad")
+METHODS = ("patch_knn", "simplenet", "rsad", "adapted_moe")
 
 
 def get(name: str):

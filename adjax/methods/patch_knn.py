@@ -13,7 +13,7 @@ import jax.numpy as jnp
 import numpy as np
 
 
-def init(config, train_features, key):
+def init(config, train_features, key, num_subclasses=1):
   flat = np.asarray(train_features).reshape(-1, train_features.shape[-1])
   size = min(config.model.memory_size, flat.shape[0])
   chosen = np.asarray(jax.random.choice(key, flat.shape[0], (size,), replace=False))

@@ -90,7 +90,7 @@ def _optimizer(config):
                                {"aligner": "aligner", "discriminator": "discriminator"})
 
 
-def init(config, train_features, key):
+def init(config, train_features, key, num_subclasses=1):
   if config.model.aligner not in ALIGNERS:
     from adjax.errors import ConfigError
     raise ConfigError(f"model.aligner must be one of {sorted(ALIGNERS)}, not '{config.model.aligner}'.")

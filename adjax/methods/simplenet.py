@@ -40,7 +40,7 @@ def _model(config):
   return Adaptor(config.model.adaptor_layers), common.Discriminator(tuple(config.model.dsc_hidden))
 
 
-def init(config, train_features, key):
+def init(config, train_features, key, num_subclasses=1):
   adaptor, discriminator = _model(config)
   c = train_features.shape[-1]
   k1, k2 = jax.random.split(key)

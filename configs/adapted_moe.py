@@ -1,0 +1,68 @@
+r"""Adapted-MoE (Lei et al., 2024): routing network, one SimpleNet expert per subclass, test-time adaptation.
+
+Usage (the README's main command):
+  python -m adjax.main --config=configs/adapted_moe.py --workdir=runs/demo
+  python -m adjax.main --config=configs/adapted_moe.py:texture_ad_cloth --config.data.root=/data/texture_ad \
+      --workdir=runs/moe_cloth
+
+Variant: '[<dataset>][+<row>]'.
+  dataset: '' (built-in synthetic textures, offline EfficientNet-Lite0, a few minutes on 2 CPU
+           cores), 'texture_ad_cloth', 'texture_ad_wafer', 'texture_ad_metal' (the paper's
+           protocol: WideResNet50 layer2+3, 160 epochs, batch 8, lr 1e-4..2e-4, sigma 0.015).
+  row:     Table 2's ablation: 'baseline' (SimpleNet), 'moe', 'tta', 'moe_norm', 'tta_norm',
+           'moe_tta', 'all' (default). E.g. configs/adapted_moe.py:+tta_norm.
+"""
+
+from adjax import configlib
+
+ROWS = {  # Table 2: (+MoE, +TTA, +Norm)
+    "baseline": (False, False, False), "moe": (True, False, False), "tta": (False, True, False),
+    "moe_norm": (True, False, True), "tta_norm": (False, True, True), "moe_tta": (True, True, False),
+    "all": (True, True, True),
+}
+
+
+def get_config(arg: str = ""):
+  dataset, _, row = arg.partition("+")
+  row = row or "all"
+  if row not in ROWS:
+    raise ValueError(f"unknown ablation row '{row}' in configs/adapted_moe.py: use one of {', '.join(ROWS)}")
+  c = configlib.base()
+  m = c.model
+  m.name = "adapted_moe"
+  m.moe, m.tta, m.norm = ROWS[row]
+  # Routing network (Sec. 2.1).
+  m.routing_loss = "center"   # 'center' (eq. 2) or 'softmax' (Table 3)
+  m.center_alpha = 0.1        # alpha of eq. 2 (the reference code's center-loss weight)
+  m.center_lr = 0.5           # center update rate (Wen et al. 2016)
+  m.routing_width = 0         # conv3x3 output channels of eq. 1; 0 = the feature width C
+  m.routing_lr = 2e-4         # the reference's moe_lr
+  m.top_k = 1                 # experts per image (the reference's topK; Fig. 6 finds 4 best on cloth)
+  m.subclass_source = "dataset"  # 'dataset' (record subclasses) or 'kmeans'
+  m.num_experts = 0           # clusters for subclass_source='kmeans'
+  # Experts = SimpleNet (Sec. 3.2: SimpleNet is the baseline; sigma 0.015, lr 1e-4..2e-4).
+  m.noise_std = 0.015
+  m.th_pos, m.th_neg = 0.5, -0.5
+  m.adaptor_layers = 1
+  m.adaptor_lr = 1e-4
+  m.adaptor_weight_decay = 0.01
+  m.dsc_hidden = (1024,)
+  m.dsc_lr = 2e-4
+  m.dsc_weight_decay = 1e-5
+  c.train.epochs = 160        # Sec. 3.2: 160 epochs, batch 8
+  c.train.batch_size = 8
+  if dataset in ("", "synthetic"):
+    configlib.lite0_demo(c)
+    # Sized for a few minutes on 2 CPU cores, not for the paper's accuracy.
+    c.data.image_size = c.data.crop_size = 128
+    m.pretrain_embed_dim = m.target_embed_dim = 256
+    m.dsc_hidden = (512,)     # the reference's MVTec config uses 512
+    m.routing_width = 64
+    c.train.epochs = 16
+  elif dataset in ("texture_ad_cloth", "texture_ad_wafer", "texture_ad_metal"):
+    configlib.wrn50_paper(c, "texture_ad")
+    c.data.category = dataset.removeprefix("texture_ad_")
+  else:
+    raise ValueError(f"unknown dataset '{dataset}' in configs/adapted_moe.py: use '', 'texture_ad_cloth', "
+                     "'texture_ad_wafer' or 'texture_ad_metal'")
+  return c
