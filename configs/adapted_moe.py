@@ -10,13 +10,14 @@ Variant: '[<dataset>][+<row>]'.
            cores), 'texture_ad_cloth', 'texture_ad_wafer', 'texture_ad_metal' (the paper's
            protocol: WideResNet50 layer2+3, 160 epochs, batch 8, lr 1e-4..2e-4, sigma 0.015).
   row:     Table 2's ablation: 'baseline' (SimpleNet), 'moe', 'tta', 'moe_norm', 'tta_norm',
-           'moe_tta', 'all' (default). E.g. configs/adapted_moe.py:+tta_norm.
+           'moe_tta', 'all' (default), plus 'norm'. E.g. configs/adapted_moe.py:+tta_norm.
 """
 
 from adjax import configlib
 
 ROWS = {  # Table 2: (+MoE, +TTA, +Norm)
     "baseline": (False, False, False), "moe": (True, False, False), "tta": (False, True, False),
+    "norm": (False, False, True),  # not a row of Table 2; completes the single-switch rows
     "moe_norm": (True, False, True), "tta_norm": (False, True, True), "moe_tta": (True, True, False),
     "all": (True, True, True),
 }

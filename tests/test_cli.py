@@ -119,7 +119,7 @@ def test_eval_with_a_different_model_config_is_refused(trained):
                         "model.memory_size")
 
 
-@pytest.mark.parametrize("config", ["configs/simplenet.py", "configs/rsad.py"])
+@pytest.mark.parametrize("config", ["configs/simplenet.py", "configs/rsad.py", "configs/adapted_moe.py"])
 def test_gradient_method_trains_resumes_and_evaluates(config, tmp_path_factory):
   data = synthetic.ensure_generated(str(tmp_path_factory.mktemp("data") / "synthetic"))
   workdir = tmp_path_factory.mktemp("run")

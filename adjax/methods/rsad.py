@@ -136,11 +136,7 @@ def loss_fn(config, params, batch_stats, features, key):
 
 
 def train_step(config, state, batch, key):
-  grad_fn = jax.value_and_grad(loss_fn, argnums=1, has_aux=True)
-  (_, (batch_stats, metrics)), grads = grad_fn(config, state["params"], state["batch_stats"], batch["features"], key)
-  updates, opt_state = _optimizer(config).update(grads, state["opt_state"], state["params"])
-  return {"params": optax.apply_updates(state["params"], updates), "batch_stats": batch_stats,
-          "opt_state": opt_state, "step": state["step"] + 1}, metrics
+  return common.gradient_step(config, state, batch["features"], key, loss_fn, _optimizer(config))
 
 
 def score(config, state, features):
