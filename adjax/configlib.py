@@ -98,6 +98,12 @@ def validate(config) -> None:
   strides = [spec.strides[t] for t in layers]
   if strides != sorted(strides):
     raise ConfigError(f"model.layers {layers} must go from shallow to deep (strides {strides}).")
+  if config.model.get("source_backbone"):
+    source = backbones.get_spec(config.model.source_backbone)
+    source_strides = [source.strides.get(t) for t in config.model.source_layers]
+    if source_strides != strides:
+      raise ConfigError(f"model.source_layers {tuple(config.model.source_layers)} of {source.name} must be taps at "
+                        f"the strides of model.layers ({strides}), one per hierarchy; got {source_strides}.")
   for key in ("data.image_size", "data.crop_size", "train.batch_size", "eval.batch_size"):
     section, name = key.split(".")
     if config[section][name] <= 0:

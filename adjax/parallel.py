@@ -43,6 +43,6 @@ def batch_sharding(mesh: Mesh, batch_size: int) -> NamedSharding:
 
 
 def put_batch(batch: dict, mesh: Mesh) -> dict:
-  size = len(next(iter(batch.values())))
-  sharding = batch_sharding(mesh, size)
-  return {k: jax.device_put(v, sharding) for k, v in batch.items()}
+  """Every array in the batch (a pytree) sharded along its leading batch axis."""
+  size = len(jax.tree.leaves(batch)[0])
+  return jax.device_put(batch, batch_sharding(mesh, size))

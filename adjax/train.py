@@ -50,9 +50,10 @@ def compute_features(config, feature_fn, records, desc, subclass_ids=()):
   chunks = []
   with progress.bar(len(records), desc) as bar:
     for batch in dataset:
-      chunks.append(np.asarray(feature_fn(batch["image"])))
+      chunks.append(jax.tree.map(np.asarray, feature_fn(batch["image"])))
       bar.update(len(batch["index"]))
-  return np.concatenate(chunks)
+  # Features are one array (patch features) or a pytree of arrays (e.g. PFM's two backbones' maps).
+  return jax.tree.map(lambda *parts: np.concatenate(parts), *chunks)
 
 
 def checkpoint_manager(workdir: str, category: str) -> ocp.CheckpointManager:
@@ -132,27 +133,28 @@ class FeatureSource:
     self.features = None
     if config.train.cache_features:
       features = compute_features(config, feature_fn, records, "caching features", subclass_ids)
-      megabytes = features.nbytes / 2 ** 20
+      megabytes = sum(a.nbytes for a in jax.tree.leaves(features)) / 2 ** 20
+      shapes = [a.shape for a in jax.tree.leaves(features)]
       if megabytes <= config.train.feature_cache_device_mb:
         self.features = jax.device_put(features)
-        logging.info("Feature cache: %s, %.0f MB on device", features.shape, megabytes)
+        logging.info("Feature cache: %s, %.0f MB on device", shapes, megabytes)
       else:
         self.features = features
-        logging.info("Feature cache: %s, %.0f MB on host (over train.feature_cache_device_mb)",
-                     features.shape, megabytes)
+        logging.info("Feature cache: %s, %.0f MB on host (over train.feature_cache_device_mb)", shapes, megabytes)
 
   def all_features(self):
     """Every record's features in record order (from the cache, or computed now)."""
     if self.features is not None:
-      return np.asarray(self.features)
-    return np.concatenate([np.asarray(b["features"]) for b in self.epoch(np.arange(len(self.records)), 8)])
+      return jax.tree.map(np.asarray, self.features)
+    batches = [jax.tree.map(np.asarray, b["features"]) for b in self.epoch(np.arange(len(self.records)), 8)]
+    return jax.tree.map(lambda *parts: np.concatenate(parts), *batches)
 
   def epoch(self, order, batch_size):
     """Yields {'features', 'subclass'} batches following `order` (indices into records)."""
     if self.features is not None:
       for start in range(0, len(order), batch_size):
         idx = order[start:start + batch_size]
-        yield {"features": self.features[idx], "subclass": self.subclass[idx]}
+        yield {"features": jax.tree.map(lambda a: a[idx], self.features), "subclass": self.subclass[idx]}
       return
     ordered = [self.records[i] for i in order]
     dataset = pipeline.make_dataset(
@@ -228,8 +230,8 @@ def fit_category(config, method, feature_fn, split, key, workdir):
     counts = np.bincount(source.subclass, minlength=num_subclasses)
     names = subclass_ids if len(subclass_ids) == num_subclasses else [f"cluster{k}" for k in range(num_subclasses)]
     logging.info("%s: %d training subclasses %s", split.category, num_subclasses, dict(zip(names, counts.tolist())))
-  sample = source.features[:1] if source.features is not None else next(source.epoch(np.arange(1), 1))["features"]
-  state = method.init(config, np.asarray(sample), init_key, num_subclasses)
+  sample = next(source.epoch(np.arange(1), 1))["features"]
+  state = method.init(config, jax.tree.map(np.asarray, sample), init_key, num_subclasses)
   state = train_gradient(config, method, source, state, train_key, workdir, split.category)
   if hasattr(method, "finalize"):
     state = method.finalize(config, state, source.epoch(np.arange(len(source.records)), config.train.batch_size))

@@ -78,11 +78,43 @@ class FeatureExtractor:
     return self.fn(images)
 
 
+def make_pair_fn(model_config) -> FeatureExtractor:
+  """Raw feature maps of two frozen backbones, {'source': (maps...), 'target': (maps...)}, for
+  methods that map one pretrained feature space onto another (PFM). Both backbones must
+  take the same input normalisation, since they see the same images."""
+  from adjax import backbones
+  from adjax.errors import ConfigError
+  source, target = backbones.get_spec(model_config.source_backbone), backbones.get_spec(model_config.backbone)
+  if (source.mean, source.std) != (target.mean, target.std):
+    raise ConfigError(f"model.source_backbone {source.name} and model.backbone {target.name} expect different "
+                      "input normalisations; pair backbones of the same family (torchvision, or EfficientNet-Lite).")
+  dtype = jnp.bfloat16 if model_config.dtype == "bfloat16" else jnp.float32
+  source_layers, target_layers = tuple(model_config.source_layers), tuple(model_config.layers)
+  if len(source_layers) != len(target_layers):
+    raise ConfigError(f"model.source_layers {source_layers} and model.layers {target_layers} must name one tap "
+                      "per hierarchy each.")
+  weights = model_config.source_weights or model_config.backbone_weights
+  extract_s, vars_s = backbones.make_extractor(source.name, source_layers, weights, dtype=dtype)
+  extract_t, vars_t = backbones.make_extractor(target.name, target_layers, model_config.backbone_weights,
+                                               dtype=dtype, seed=1)
+
+  @jax.jit
+  def features(images):
+    maps_s, maps_t = extract_s(vars_s, images), extract_t(vars_t, images)
+    return {"source": tuple(maps_s[t].astype(jnp.float32) for t in source_layers),
+            "target": tuple(maps_t[t].astype(jnp.float32) for t in target_layers)}
+
+  return FeatureExtractor(features, target)
+
+
 def make_feature_fn(model_config) -> FeatureExtractor:
-  """The patch feature extractor of a config's `model` block.
+  """The feature extractor of a config's `model` block: SimpleNet-style patch features, or
+  two backbones' maps when the config names a `source_backbone`.
 
   The backbone runs in `model.dtype`; patch aggregation and everything after it in float32.
   """
+  if model_config.get("source_backbone"):
+    return make_pair_fn(model_config)
   from adjax import backbones
   dtype = jnp.bfloat16 if model_config.dtype == "bfloat16" else jnp.float32
   layers = tuple(model_config.layers)

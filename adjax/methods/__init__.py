@@ -20,7 +20,7 @@ import importlib
 
 from adjax.errors import ConfigError
 
-METHODS = ("patch_knn", "simplenet", "rsad", "adapted_moe")
+METHODS = ("patch_knn", "simplenet", "rsad", "adapted_moe", "pfm")
 
 
 def get(name: str):
