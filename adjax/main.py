@@ -76,6 +76,8 @@ def main(argv):
       raise
     _fail(_config_error(sys.argv, e))
   _quiet_library_logs()
+  from adjax import parallel
+  parallel.maybe_initialize_distributed()  # no-op on one host
   try:
     if _MODE.value == "predict":
       from adjax import predict
