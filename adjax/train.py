@@ -42,7 +42,7 @@ def load_splits(config) -> list:
 
 
 def compute_features(config, feature_fn, records, desc, subclass_ids=()):
-  """Patch features of `records`, in order, as one host array (computed once, then reused)."""
+  """Features of `records`, in order, as host arrays (one array, or a pytree of arrays)."""
   dataset = pipeline.make_dataset(
       records, image_size=config.data.image_size, crop_size=config.data.crop_size, mean=feature_fn.spec.mean,
       std=feature_fn.spec.std, batch_size=config.train.batch_size, worker_count=config.data.workers,
@@ -117,7 +117,7 @@ def check_run_config(workdir, config):
 
 
 class FeatureSource:
-  """Per-epoch batches of patch features for gradient training.
+  """Per-epoch batches of frozen-backbone features for gradient training.
 
   cache_features=True (the default; the papers use no random augmentation for these
   methods): the frozen backbone runs once per dataset and its features are reused every
