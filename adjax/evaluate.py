@@ -127,10 +127,16 @@ def _fmt(value):
   return "n/a" if value is None else f"{100 * value:.2f}"
 
 
-def write_reports(workdir: str, per_category: dict, config) -> dict:
-  """metrics.json and metrics.md (atomically): one entry per category plus 'mean'."""
+def summarise(per_category: dict) -> dict:
+  """The report: one entry per category plus 'mean'."""
   report = dict(per_category)
   report["mean"] = metrics.mean_over_categories(per_category)
+  return report
+
+
+def write_reports(workdir: str, report: dict, config) -> dict:
+  """metrics.json and metrics.md (atomically) from `summarise`'s report."""
+  per_category = {name: values for name, values in report.items() if name != "mean"}
   io_utils.write_json(os.path.join(workdir, "metrics.json"),
                       {"metrics": report, "config": json.loads(config.to_json_best_effort())})
   columns = ("image_auroc", "pixel_auroc", "aupro", "f1_max", "pixel_f1_max")

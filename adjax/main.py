@@ -76,9 +76,9 @@ def main(argv):
       raise
     _fail(_config_error(sys.argv, e))
   _quiet_library_logs()
-  from adjax import parallel
-  parallel.maybe_initialize_distributed()  # no-op on one host
   try:
+    from adjax import parallel
+    parallel.maybe_initialize_distributed()  # no-op for a single process
     if _MODE.value == "predict":
       from adjax import predict
       predict.run(config, _WORKDIR.value, _PREDICT_DIR.value)

@@ -16,13 +16,36 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 
 def maybe_initialize_distributed() -> None:
-  """jax.distributed.initialize() for multi-host runs (TPU pods, SLURM, or explicit env vars)."""
-  explicit = "JAX_COORDINATOR_ADDRESS" in os.environ
+  """jax.distributed.initialize() for multi-process runs; a no-op for a single process.
+
+  Explicit launch (any machines, e.g. several processes on one host): set
+  JAX_COORDINATOR_ADDRESS (host:port of process 0), JAX_NUM_PROCESSES and JAX_PROCESS_ID
+  (0..N-1) in every process. Under SLURM (more than one task) or with ADJAX_DISTRIBUTED=1
+  (TPU pods and other clusters JAX detects by itself), JAX finds the values itself.
+  """
+  from adjax.errors import ConfigError
+  address = os.environ.get("JAX_COORDINATOR_ADDRESS")
   slurm = int(os.environ.get("SLURM_NTASKS", "1")) > 1
-  if explicit or slurm or os.environ.get("ADJAX_DISTRIBUTED") == "1":
+  if address:
+    try:
+      num_processes, process_id = int(os.environ["JAX_NUM_PROCESSES"]), int(os.environ["JAX_PROCESS_ID"])
+    except (KeyError, ValueError):
+      raise ConfigError(
+          f"JAX_COORDINATOR_ADDRESS={address} asks for a multi-process run, but JAX_NUM_PROCESSES and "
+          "JAX_PROCESS_ID are not both set to integers. Set them in every process (JAX_PROCESS_ID 0..N-1, "
+          "a different one each), or unset JAX_COORDINATOR_ADDRESS for a single-process run.") from None
+    jax.distributed.initialize(address, num_processes, process_id)
+  elif slurm or os.environ.get("ADJAX_DISTRIBUTED") == "1":
     jax.distributed.initialize()
-    logging.info("jax.distributed: process %d of %d, %d local / %d global devices", jax.process_index(),
-                 jax.process_count(), jax.local_device_count(), jax.device_count())
+  else:
+    return
+  logging.info("jax.distributed: process %d of %d, %d local / %d global devices", jax.process_index(),
+               jax.process_count(), jax.local_device_count(), jax.device_count())
+
+
+def is_main_process() -> bool:
+  """Process 0 writes the reports and overlays; every process trains and checkpoints."""
+  return jax.process_index() == 0
 
 
 def data_mesh(devices=None) -> Mesh:

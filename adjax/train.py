@@ -11,6 +11,7 @@ import os
 import jax
 import numpy as np
 import orbax.checkpoint as ocp
+from orbax.checkpoint.metadata import ArrayMetadata
 from absl import logging
 
 from adjax import configlib, evaluate, io_utils, methods, parallel, progress
@@ -58,7 +59,19 @@ def compute_features(config, feature_fn, records, desc, subclass_ids=()):
 
 def checkpoint_manager(workdir: str, category: str) -> ocp.CheckpointManager:
   path = os.path.abspath(os.path.join(workdir, "checkpoints", category or "default"))
-  return ocp.CheckpointManager(path, options=ocp.CheckpointManagerOptions(max_to_keep=2, create=True))
+  return ocp.CheckpointManager(path, options=ocp.CheckpointManagerOptions(max_to_keep=2, create=True),
+                               item_handlers=ocp.StandardCheckpointHandler())
+
+
+def _local_target(manager, step):
+  """A restore target that puts every array on this process's first device, whatever
+  devices or processes wrote the checkpoint: a run trained data-parallel on 8 GPUs or on
+  several hosts is evaluated on one device (orbax refuses a topology change without it)."""
+  device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
+  metadata = manager.item_metadata(step)
+  return jax.tree.map(
+      lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=device) if isinstance(m, ArrayMetadata) else 0,
+      metadata.tree if hasattr(metadata, "tree") else metadata)
 
 
 def save_state(workdir, category, step, state):
@@ -74,6 +87,8 @@ def _restore_latest(manager, path, target=None):
   if step is None:
     raise CheckpointError(f"The checkpoint folder {path} holds no finished checkpoint; train again.")
   try:
+    if target is None:
+      target = _local_target(manager, step)
     return manager.restore(step, args=ocp.args.StandardRestore(target))
   except Exception as e:  # orbax raises many types for damaged files
     raise CheckpointError(f"The checkpoint {path}/{step} cannot be read ({type(e).__name__}: {e}). "
@@ -248,7 +263,8 @@ def run(config, workdir: str, mode: str) -> dict:
   if mode == "train":
     if os.path.exists(os.path.join(workdir, RUN_CONFIG)):
       check_run_config(workdir, config)  # resuming: the model and data must be the same
-    write_run_config(workdir, config)
+    if parallel.is_main_process():
+      write_run_config(workdir, config)
   else:
     check_run_config(workdir, config)
   feature_fn = make_feature_fn(config.model)
@@ -262,6 +278,10 @@ def run(config, workdir: str, mode: str) -> dict:
       state = restore_state(workdir, split.category)["state"]
     scored = evaluate.score_dataset(config, method, state, feature_fn, split.test, f"scoring {split.category}")
     per_category[split.category] = evaluate.category_metrics(split, scored, config)
-    evaluate.write_overlays(os.path.join(workdir, "overlays", split.category), split, scored, feature_fn.spec,
-                            config.eval.num_overlays)
-  return evaluate.write_reports(workdir, per_category, config)
+    if parallel.is_main_process():
+      evaluate.write_overlays(os.path.join(workdir, "overlays", split.category), split, scored, feature_fn.spec,
+                              config.eval.num_overlays)
+  report = evaluate.summarise(per_category)
+  if parallel.is_main_process():
+    evaluate.write_reports(workdir, report, config)
+  return report

@@ -3,6 +3,7 @@
 import json
 import os
 import shutil
+import socket
 import subprocess
 import sys
 
@@ -139,3 +140,30 @@ def test_gradient_method_trains_resumes_and_evaluates(config, tmp_path_factory):
   evaluated = json.load(open(workdir / "metrics.json"))["metrics"]["wood"]
   assert 0.0 <= evaluated["image_auroc"] <= 1.0 and evaluated["pixel_auroc"] is not None
   assert trained["image_auroc"] is not None
+
+
+def test_two_process_run_reports_once_and_evaluates_on_one_device(tmp_path):
+  """Two local processes x 2 CPU devices through jax.distributed, as on two hosts: both
+  read (generating it if no earlier test did) the built-in data and train data-parallel; the
+  4-device checkpoint is then evaluated by a single one-device process to the same metrics."""
+  workdir = tmp_path / "run"
+  args = ["--config=configs/simplenet.py", *SMALL, "--config.train.epochs=1", f"--workdir={workdir}"]
+  with socket.socket() as s:
+    s.bind(("localhost", 0))
+    port = s.getsockname()[1]
+  env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=2",
+         "JAX_COORDINATOR_ADDRESS": f"localhost:{port}", "JAX_NUM_PROCESSES": "2"}
+  running = [subprocess.Popen([sys.executable, "-m", "adjax.main", *args], cwd=ROOT, env={**env, "JAX_PROCESS_ID": str(i)},
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for i in range(2)]
+  outputs = [p.communicate(timeout=600) for p in running]
+  for process, (out, err) in zip(running, outputs):
+    assert process.returncode == 0, err[-3000:]
+  assert "process 1 of 2, 2 local / 4 global devices" in outputs[1][1]
+  trained = json.load(open(workdir / "metrics.json"))["metrics"]["wood"]
+  result = run_cli(*args, "--mode=eval")
+  assert result.returncode == 0, result.stderr[-3000:]
+  evaluated = json.load(open(workdir / "metrics.json"))["metrics"]["wood"]
+  for key in ("image_auroc", "pixel_auroc"):
+    assert evaluated[key] == pytest.approx(trained[key], abs=1e-4), key
+  _assert_clean_failure(run_cli(*args, env={"JAX_COORDINATOR_ADDRESS": f"localhost:{port}"}),
+                        "JAX_NUM_PROCESSES", "JAX_PROCESS_ID")

@@ -2,6 +2,7 @@
 
 import json
 import os
+import socket
 import subprocess
 import sys
 import textwrap
@@ -121,6 +122,8 @@ def test_more_epochs_continue_from_a_finished_run(tmp_path):
 _DATA_PARALLEL_SCRIPT = textwrap.dedent("""
     import os, sys, json
     import jax, numpy as np
+    if {processes} > 1:  # several local processes, as on several hosts
+      jax.distributed.initialize({address!r}, num_processes={processes}, process_id=int(sys.argv[1]))
     sys.path.insert(0, {tests!r})
     from test_training import ArraySource, tiny_config, features, _train, _flat
     import simplenet as simplenet_config
@@ -128,32 +131,59 @@ _DATA_PARALLEL_SCRIPT = textwrap.dedent("""
     config = tiny_config(simplenet_config)
     config.train.batch_size = 8
     config.train.epochs = 2
-    # 20 images, batch 8: two sharded batches and a last batch of 4 that is replicated.
+    # 20 images, batch 8: two sharded batches and a last batch of 4 (sharded on 2 and 4
+    # devices, replicated on 8).
     state = _train(config, simplenet, ArraySource(features(n=20)), {workdir!r})
-    from flax import traverse_util
-    flat = traverse_util.flatten_dict(jax.device_get(state["params"]), sep="/")
-    scores, maps = simplenet.score(config, jax.device_get(state), features(n=5, seed=9))
-    np.savez({out!r}, scores=np.asarray(scores), maps=np.asarray(maps), **{{k: np.asarray(v) for k, v in flat.items()}})
-    print(json.dumps({{"devices": jax.device_count()}}))
+    if jax.process_index() == 0:
+      from flax import traverse_util
+      flat = traverse_util.flatten_dict(jax.device_get(state["params"]), sep="/")
+      scores, maps = simplenet.score(config, jax.device_get(state), features(n=5, seed=9))
+      np.savez({out!r}, scores=np.asarray(scores), maps=np.asarray(maps),
+               **{{k: np.asarray(v) for k, v in flat.items()}})
+    print(json.dumps({{"devices": jax.device_count(), "processes": jax.process_count()}}))
 """)
 
 
-@pytest.mark.parametrize("devices", [8])
-def test_data_parallel_on_8_cpu_devices_matches_one_device(tmp_path, devices):
-  results = {}
-  for n in (1, devices):
-    script = _DATA_PARALLEL_SCRIPT.format(tests=os.path.dirname(__file__), workdir=str(tmp_path / f"w{n}"),
-                                          out=str(tmp_path / f"p{n}.npz"))
-    env = {**os.environ, "XLA_FLAGS": f"--xla_force_host_platform_device_count={n}"}
-    done = subprocess.run([sys.executable, "-c", script], env=env, cwd=ROOT, capture_output=True, text=True,
-                          timeout=600)
-    assert done.returncode == 0, done.stderr[-3000:]
-    assert json.loads(done.stdout.strip().splitlines()[-1])["devices"] == n
-    results[n] = np.load(tmp_path / f"p{n}.npz")
-  params = {n: {k: results[n][k] for k in results[n].files if "/" in k} for n in results}
-  assert_same_training(params[devices], params[1])
+def _free_port() -> int:
+  with socket.socket() as s:
+    s.bind(("localhost", 0))
+    return s.getsockname()[1]
+
+
+def _run_data_parallel(tmp_path, processes, devices_per_process):
+  name = f"{processes}x{devices_per_process}"
+  script = _DATA_PARALLEL_SCRIPT.format(
+      tests=os.path.dirname(__file__), workdir=str(tmp_path / name), out=str(tmp_path / f"{name}.npz"),
+      processes=processes, address=f"localhost:{_free_port()}")
+  env = {**os.environ, "XLA_FLAGS": f"--xla_force_host_platform_device_count={devices_per_process}"}
+  running = [subprocess.Popen([sys.executable, "-c", script, str(i)], env=env, cwd=ROOT, stdout=subprocess.PIPE,
+                              stderr=subprocess.PIPE, text=True) for i in range(processes)]
+  for process in running:
+    try:
+      out, err = process.communicate(timeout=600)
+    finally:
+      for other in running:
+        if other.poll() is None and process.returncode != 0:
+          other.kill()  # a failed process would leave the others waiting for it
+    assert process.returncode == 0, err[-3000:]
+    reported = json.loads(out.strip().splitlines()[-1])
+    assert reported == {"devices": processes * devices_per_process, "processes": processes}
+  return np.load(tmp_path / f"{name}.npz")
+
+
+@pytest.fixture(scope="module")
+def one_device_run(tmp_path_factory):
+  return _run_data_parallel(tmp_path_factory.mktemp("one_device"), 1, 1)
+
+
+@pytest.mark.parametrize("processes,devices_per_process", [(1, 8), (2, 2)])
+def test_data_parallel_training_matches_one_device(tmp_path, one_device_run, processes, devices_per_process):
+  """8 forced CPU devices in one process, and 2 processes x 2 devices through jax.distributed."""
+  parallel_run = _run_data_parallel(tmp_path, processes, devices_per_process)
+  assert_same_training({k: parallel_run[k] for k in parallel_run.files if "/" in k},
+                       {k: one_device_run[k] for k in one_device_run.files if "/" in k})
   # The outputs differ only through BatchNorm's running mean, which trails the drifting biases.
-  np.testing.assert_allclose(results[devices]["scores"], results[1]["scores"], rtol=5e-3)
+  np.testing.assert_allclose(parallel_run["scores"], one_device_run["scores"], rtol=5e-3)
 
 
 def test_cached_and_recomputed_features_train_identically(tmp_path):

@@ -254,6 +254,8 @@ def ensure_generated(root: str = "") -> str:
       for sub in subclasses:
         _generate_subclass(tmp, category, sub)
     open(os.path.join(tmp, "COMPLETE"), "w").write(VERSION + "\n")
+    if os.path.exists(os.path.join(target, "COMPLETE")):
+      return target  # another process (a multi-process run) finished first; keep its copy
     if os.path.exists(target):
       shutil.rmtree(target)  # an interrupted earlier generation
     os.replace(tmp, target)
