@@ -7,8 +7,8 @@ Usage:
 
 Variants: '' (built-in dataset, offline EfficientNet-Lite0, a few minutes on 2 CPU cores),
 'mvtec_ad' (the official protocol: WideResNet50 layer2+3, 1536-d, resize 329 crop 288,
-batch 8, 160 epochs), 'mvtec_ad_lite0' (the same protocol on the offline Lite0 backbone,
-224 crop), 'visa', 'mpdd'.
+batch 8, 160 epochs), 'mvtec_ad_lite0' (the same protocol, 329 -> 288 included, on the
+offline Lite0 backbone), 'visa', 'mpdd'.
 """
 
 from adjax import configlib
@@ -40,6 +40,7 @@ def get_config(arg: str = ""):
     c.data.image_size, c.data.crop_size = 329, 288  # the official run script's --resize/--imagesize
   elif arg == "mvtec_ad_lite0":
     configlib.lite0_real_data(c, "mvtec_ad")
+    c.data.image_size, c.data.crop_size = 329, 288  # as the mvtec_ad variant: only the backbone differs
   else:
     raise ValueError(f"unknown variant '{arg}' of configs/simplenet.py: use '', 'mvtec_ad', 'mvtec_ad_lite0', "
                      "'visa' or 'mpdd'")
