@@ -20,3 +20,10 @@ def require_bottle():
   if not os.path.isdir(BOTTLE):
     pytest.fail(f"real-data tests need {BOTTLE} (../shared beside the checkout)")
   return BOTTLE
+
+
+@pytest.fixture(scope="session")
+def synthetic_root(tmp_path_factory):
+  """The built-in dataset, generated once per test session (~9 s) for the tests that only read it."""
+  from adjax.data import synthetic
+  return synthetic.ensure_generated(str(tmp_path_factory.mktemp("synthetic_data") / "synthetic"))

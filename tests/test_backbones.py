@@ -1,7 +1,6 @@
 """Parity of the Flax backbones with torchvision / the EfficientNet-Lite reference."""
 
 import os
-import shutil
 
 import jax
 import numpy as np

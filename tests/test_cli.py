@@ -9,7 +9,6 @@ import sys
 
 import pytest
 
-from adjax.data import synthetic
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SMALL = ["--config.data.category=wood", "--config.data.image_size=64", "--config.data.crop_size=64",
@@ -23,9 +22,9 @@ def run_cli(*args, env=None):
 
 
 @pytest.fixture(scope="module")
-def trained(tmp_path_factory):
+def trained(tmp_path_factory, synthetic_root):
   workdir = tmp_path_factory.mktemp("run")
-  data = synthetic.ensure_generated(str(tmp_path_factory.mktemp("data") / "synthetic"))
+  data = synthetic_root
   args = ["--config=configs/patch_knn.py", f"--config.data.root={data}", *SMALL]
   result = run_cli(*args, f"--workdir={workdir}")
   assert result.returncode == 0, result.stderr[-3000:]
@@ -63,7 +62,7 @@ def test_predict_scores_a_folder(trained, tmp_path):
   for name in ("test/good/000.png", "test/hole/001.png"):
     shutil.copy(os.path.join(data, "wood", "oak", name), images / name.replace("/", "_"))
   result = run_cli(*args, f"--workdir={workdir}", "--mode=predict", f"--predict_dir={images}",
-                   f"--config.data.category=wood")
+                   "--config.data.category=wood")
   assert result.returncode == 0, result.stderr[-3000:]
   scores = json.load(open(workdir / "predictions" / "scores.json"))
   assert len(scores) == 2
@@ -121,8 +120,8 @@ def test_eval_with_a_different_model_config_is_refused(trained):
 
 
 @pytest.mark.parametrize("config", ["configs/simplenet.py", "configs/rsad.py", "configs/adapted_moe.py"])
-def test_gradient_method_trains_resumes_and_evaluates(config, tmp_path_factory):
-  data = synthetic.ensure_generated(str(tmp_path_factory.mktemp("data") / "synthetic"))
+def test_gradient_method_trains_resumes_and_evaluates(config, tmp_path_factory, synthetic_root):
+  data = synthetic_root
   workdir = tmp_path_factory.mktemp("run")
   args = [f"--config={config}", f"--config.data.root={data}", *SMALL, "--config.train.epochs=2",
           "--config.train.checkpoint_every=1", f"--workdir={workdir}"]

@@ -149,7 +149,7 @@ def test_bad_input_missing_root_and_category(tmp_path):
 
 
 def test_folder_dataset_with_and_without_masks(tmp_path):
-  root = _make_mvtec(tmp_path)
+  _make_mvtec(tmp_path)
   split = datasets.read_split("folder", str(tmp_path / "cat"), "")
   assert split.has_masks and all(r.mask_path for r in split.test if r.label)
   shutil.rmtree(tmp_path / "cat/ground_truth")
@@ -213,8 +213,8 @@ def test_synthetic_defect_changes_only_masked_pixels():
     assert np.abs(broken[mask] - clean[mask]).mean() > 0.02, defect
 
 
-def test_pipeline_shuffle_is_deterministic_and_sharding_partitions(tmp_path):
-  root = synthetic.ensure_generated(str(tmp_path / "s"))
+def test_pipeline_shuffle_is_deterministic_and_sharding_partitions(synthetic_root):
+  root = synthetic_root
   records = datasets.read_split("synthetic", root, "metal").train[:12]
   kw = dict(image_size=32, crop_size=32, mean=MEAN, std=STD, batch_size=4, shuffle=True, seed=3)
   order = lambda **extra: np.concatenate([b["index"] for b in pipeline.make_dataset(records, **kw, **extra)])
@@ -226,8 +226,8 @@ def test_pipeline_shuffle_is_deterministic_and_sharding_partitions(tmp_path):
   assert sorted(np.concatenate(shards)) == list(range(12))
 
 
-def test_pipeline_worker_processes_give_the_same_batches(tmp_path):
-  root = synthetic.ensure_generated(str(tmp_path / "s"))
+def test_pipeline_worker_processes_give_the_same_batches(synthetic_root):
+  root = synthetic_root
   records = datasets.read_split("synthetic", root, "wood").test[:6]
   kw = dict(image_size=40, crop_size=32, mean=MEAN, std=STD, batch_size=3, subclass_ids=("oak", "walnut"))
   inline = list(pipeline.make_dataset(records, **kw))

@@ -186,13 +186,13 @@ def test_data_parallel_training_matches_one_device(tmp_path, one_device_run, pro
   np.testing.assert_allclose(parallel_run["scores"], one_device_run["scores"], rtol=5e-3)
 
 
-def test_cached_and_recomputed_features_train_identically(tmp_path):
+def test_cached_and_recomputed_features_train_identically(tmp_path, synthetic_root):
   from adjax.backbones.patch_features import make_feature_fn
-  from adjax.data import datasets, synthetic
+  from adjax.data import datasets
   config = tiny_config(simplenet_config)
   config.data.image_size = config.data.crop_size = 64
   config.train.epochs, config.train.batch_size = 2, 3
-  root = synthetic.ensure_generated(str(tmp_path / "data"))
+  root = synthetic_root
   records = datasets.read_split("synthetic", root, "metal").train[:7]
   feature_fn = make_feature_fn(config.model)
   params = {}

@@ -10,7 +10,7 @@ statistics for torchvision models, [-1, 1] for the TF-ported EfficientNet-Lite w
 
 import dataclasses
 import functools
-from typing import Callable, Optional, Sequence
+from typing import Callable, Sequence
 
 import jax
 import jax.numpy as jnp
