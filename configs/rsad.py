@@ -28,6 +28,7 @@ def get_config(arg: str = ""):
   m.noise_std = 0.015          # Sec. 3.3 sigma (as SimpleNet)
   m.th_pos = 0.5               # eq. 7
   m.th_neg = -0.5
+  m.hinge_on_logits = True     # eq. 7 on the pre-sigmoid output (adjax/methods/rsad.py explains why)
   m.dsc_hidden = (1024, 1024)  # three-layer MLP (Sec. 3.4); widths as SimpleNet's discriminator
   m.focal_alpha = 0.25         # torchvision sigmoid_focal_loss defaults (the paper gives none)
   m.focal_gamma = 2.0

@@ -22,11 +22,10 @@ def torch_bias_init(fan_in: int):
 class Discriminator(nn.Module):
   """MLP: per hidden width Linear + BatchNorm1d + LeakyReLU(0.2), then Linear(., 1, no bias).
 
-  SimpleNet's official discriminator with hidden=(1024,); RSAD's three-layer version with
-  two hidden layers and `sigmoid=True`.
+  SimpleNet's official discriminator with hidden=(1024,); RSAD's three-layer version has
+  two hidden layers (it applies its sigmoid to this module's output itself).
   """
   hidden: Sequence[int] = (1024,)
-  sigmoid: bool = False
 
   @nn.compact
   def __call__(self, x, train: bool):
@@ -37,7 +36,7 @@ class Discriminator(nn.Module):
       x = nn.BatchNorm(use_running_average=not train, momentum=0.9, epsilon=1e-5, name=f"bn{i}")(x)
       x = nn.leaky_relu(x, 0.2)
     x = nn.Dense(1, use_bias=False, kernel_init=nn.initializers.xavier_normal(), name="tail")(x)
-    return nn.sigmoid(x) if self.sigmoid else x
+    return x
 
 
 def truncated_l1(true_scores, fake_scores, th_pos, th_neg):

@@ -17,6 +17,18 @@ Where the paper is silent:
   follow SimpleNet's discriminator, which RSAD cites as its inspiration [32].
 - The focal loss uses torchvision's sigmoid_focal_loss defaults (alpha 0.25, gamma 2).
 - Anomaly map = 1 - D per location; image score = its maximum (Sec. 3.4).
+
+Where the paper contradicts itself (our decision, `model.hinge_on_logits`):
+eq. 7 is SimpleNet's truncated L1 with its margins th+ = 0.5, th- = -0.5, but Sec. 3.4 puts
+a sigmoid on D. Applied to D in (0, 1), the fake term max(0, 0.5 + D) is never truncated
+(th- = -0.5 is unreachable), so the loss is not "truncated" as Sec. 3.5 says, its minimum is
+0.5, and a discriminator that outputs one constant <= 0.5 everywhere sits on a flat plateau
+(loss exactly 1.0, zero net gradient; any output spread costs more). On real bottle
+features the literal reading stays on that plateau for all 160 epochs (D = 0.49-0.51
+everywhere, image AUROC 57; benchmarks/README.md). The margins are meaningful only on an
+unbounded output, as in SimpleNet [32] which RSAD follows, so by default eq. 7 is applied
+to the discriminator's pre-sigmoid output and the sigmoid gives the normality D used by
+the focal loss (eq. 8) and the anomaly maps. `hinge_on_logits=False` is the literal reading.
 """
 
 import flax.linen as nn
@@ -80,7 +92,8 @@ def _model(config):
     aligner = aligner(config.model.mona_bottleneck, config.model.mona_dropout)
   else:
     aligner = aligner()
-  return aligner, common.Discriminator(tuple(config.model.dsc_hidden), sigmoid=True)
+  # The sigmoid is applied here, not in the module, so that eq. 7 can see the logit.
+  return aligner, common.Discriminator(tuple(config.model.dsc_hidden))
 
 
 def _optimizer(config):
@@ -125,8 +138,12 @@ def loss_fn(config, params, batch_stats, features, key):
   fake = true + m.noise_std * jax.random.normal(noise_key, true.shape, true.dtype)  # eq. 6
   scores, updates = discriminator.apply({"params": params["discriminator"], "batch_stats": batch_stats},
                                         jnp.concatenate([true, fake]), train=True, mutable=["batch_stats"])
-  true_d, fake_d = jnp.split(scores[:, 0], 2)
-  seg = common.truncated_l1(true_d, fake_d, m.th_pos, m.th_neg)  # eq. 7
+  true_logit, fake_logit = jnp.split(scores[:, 0], 2)
+  true_d, fake_d = jax.nn.sigmoid(true_logit), jax.nn.sigmoid(fake_logit)
+  if m.hinge_on_logits:  # see the module docstring
+    seg = common.truncated_l1(true_logit, fake_logit, m.th_pos, m.th_neg)  # eq. 7 on the logit
+  else:
+    seg = common.truncated_l1(true_d, fake_d, m.th_pos, m.th_neg)  # eq. 7 read literally
   # eq. 8: S_AD = max over locations of the anomaly (1 - D); normal image -> 0, noised copy -> 1.
   image_scores = jnp.concatenate([(1 - true_d).reshape(b, -1).max(axis=1), (1 - fake_d).reshape(b, -1).max(axis=1)])
   targets = jnp.concatenate([jnp.zeros(b), jnp.ones(b)])
@@ -143,7 +160,7 @@ def score(config, state, features):
   aligner, discriminator = _model(config)
   b, h, w, c = features.shape
   aligned = aligner.apply({"params": state["params"]["aligner"]}, features, train=False)
-  d = discriminator.apply({"params": state["params"]["discriminator"], "batch_stats": state["batch_stats"]},
-                          aligned.reshape(-1, c), train=False)
-  maps = (1.0 - d[:, 0]).reshape(b, h, w)
+  logit = discriminator.apply({"params": state["params"]["discriminator"], "batch_stats": state["batch_stats"]},
+                              aligned.reshape(-1, c), train=False)
+  maps = (1.0 - jax.nn.sigmoid(logit[:, 0])).reshape(b, h, w)
   return maps.max(axis=(1, 2)), maps
