@@ -34,10 +34,11 @@ def main():
     command = [sys.executable, "-m", "adjax.main", f"--config=configs/{spec}", f"--config.data.root={args.root}",
                "--config.data.category=bottle", f"--workdir={workdir}", *[f"--config.{s}" for s in args.set]]
     start = time.perf_counter()
-    done = subprocess.run(command, cwd=ROOT, capture_output=True, text=True)
+    print(f"== {spec}: {' '.join(command[1:])}", flush=True)
+    done = subprocess.run(command, cwd=ROOT)  # the run's progress bars and epoch log go to the console
     seconds = time.perf_counter() - start
     if done.returncode != 0:
-      sys.exit(f"{spec} failed:\n{done.stderr[-3000:]}")
+      sys.exit(f"{spec} failed (exit {done.returncode}); its error is printed above.")
     m = json.load(open(os.path.join(workdir, "metrics.json")))["metrics"]["bottle"]
     rows.append((spec, m["image_auroc"], m["pixel_auroc"], m["aupro"], seconds))
     print(f"{spec}: I-AUROC {m['image_auroc']:.4f} P-AUROC {m['pixel_auroc']:.4f} AUPRO {m['aupro']:.4f} "
