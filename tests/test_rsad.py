@@ -1,5 +1,6 @@
-"""RSAD's eq. 7 margins: on the pre-sigmoid output (default) the loss truncates to zero once
-normal and noised features are told apart; read literally on the sigmoid it cannot."""
+"""RSAD: Mona equals its reference forward; eq. 7's margins on the pre-sigmoid output (the
+default) truncate the loss to zero once normal and noised features are told apart, while
+read literally on the sigmoid output they cannot."""
 
 import os
 import sys
@@ -52,3 +53,37 @@ def test_anomaly_map_is_one_minus_the_sigmoid_normality(hinge_on_logits):
   assert maps.shape == (2, 3, 3)
   assert float(maps.min()) > 0.0 and float(maps.max()) < 1.0
   np.testing.assert_allclose(image_scores, maps.max(axis=(1, 2)), rtol=1e-6)
+
+
+def _torch_mona(params, x_nhwc):
+  """Mona's reference forward (Yin et al.), re-stated in torch on NCHW, with our weights."""
+  import torch
+  import torch.nn.functional as F
+  t = lambda a: torch.from_numpy(np.array(a, dtype=np.float32))  # a writable copy
+  x = t(x_nhwc)  # (B, H, W, C): the reference works on tokens (B, N, C)
+  c = x.shape[-1]
+  y = F.layer_norm(x, (c,), t(params["norm"]["scale"]), t(params["norm"]["bias"]), eps=1e-5) * t(params["gamma"]) \
+      + x * t(params["gammax"])
+  y = F.linear(y, t(params["project1"]["kernel"]).T, t(params["project1"]["bias"]))
+  y = y.permute(0, 3, 1, 2)  # the reference reshapes tokens to an image for its convs
+  ops = params["adapter_conv"]
+  convs = []
+  for i, k in enumerate((3, 5, 7)):
+    w = t(ops[f"conv{i + 1}"]["kernel"]).permute(3, 2, 0, 1)  # HWIO (I = 1) -> OIHW
+    convs.append(F.conv2d(y, w, t(ops[f"conv{i + 1}"]["bias"]), padding=k // 2, groups=y.shape[1]))
+  y = (convs[0] + convs[1] + convs[2]) / 3.0 + y
+  y = y + F.conv2d(y, t(ops["projector"]["kernel"]).permute(3, 2, 0, 1), t(ops["projector"]["bias"]))
+  y = F.gelu(y.permute(0, 2, 3, 1))  # exact erf GeLU, as torch.nn.GELU()
+  return (x + F.linear(y, t(params["project2"]["kernel"]).T, t(params["project2"]["bias"]))).numpy()
+
+
+def test_mona_matches_its_reference_forward():
+  pytest.importorskip("torch", reason="parity tests need the [test] extra (torch)")
+  rng = np.random.default_rng(2)
+  x = rng.normal(0, 0.3, size=(2, 7, 9, 24)).astype(np.float32)  # odd, non-square map
+  mona = rsad.Mona(bottleneck=8, dropout=0.1)
+  params = mona.init(jax.random.key(0), x, train=False)["params"]
+  # Non-trivial values for the parameters whose init would hide a wiring error.
+  params = jax.tree.map(lambda p: p + 0.1 * rng.normal(size=p.shape).astype(np.float32), params)
+  ours = mona.apply({"params": params}, x, train=False)
+  np.testing.assert_allclose(np.asarray(ours), _torch_mona(jax.device_get(params), x), rtol=1e-5, atol=1e-5)
