@@ -87,3 +87,14 @@ def test_mona_matches_its_reference_forward():
   params = jax.tree.map(lambda p: p + 0.1 * rng.normal(size=p.shape).astype(np.float32), params)
   ours = mona.apply({"params": params}, x, train=False)
   np.testing.assert_allclose(np.asarray(ours), _torch_mona(jax.device_get(params), x), rtol=1e-5, atol=1e-5)
+
+
+def test_mona_starts_from_torch_default_init():
+  # torch.nn.Linear / Conv2d defaults: weight std 1/sqrt(3 fan_in), bias U(+-1/sqrt(fan_in)).
+  x = np.zeros((1, 8, 8, 512), np.float32)
+  params = rsad.Mona(bottleneck=64).init(jax.random.key(0), x, train=False)["params"]
+  for name, fan_in in (("project1", 512), ("project2", 64)):
+    np.testing.assert_allclose(np.std(params[name]["kernel"]), 1 / np.sqrt(3 * fan_in), rtol=0.05)
+    assert 0 < np.abs(params[name]["bias"]).max() <= 1 / np.sqrt(fan_in)
+  conv = params["adapter_conv"]["conv3"]  # depth-wise 7x7: fan_in 49
+  np.testing.assert_allclose(np.std(conv["kernel"]), 1 / np.sqrt(3 * 49), rtol=0.05)

@@ -9,7 +9,8 @@ locations of (1 - D) and the image label (0 for the normal image, 1 for its nois
 Adam 1e-4 (aligner) / 2e-4 (discriminator), weight decay 1e-5, batch 4, 160 epochs.
 
 Where the paper is silent:
-- Mona follows its reference implementation (Yin et al., "5%>100%", Mona): scaled
+- Mona follows its reference implementation (Yin et al., "5%>100%", Mona), including
+  torch's default initialisation of its Linear/Conv2d layers: scaled
   LayerNorm LN(x) * gamma + x * gammax (gamma = 1e-6, gammax = 1 at init), 1x1 down-
   projection to 64, depth-wise 3x3/5x5/7x7 convs averaged plus a skip, a 1x1 conv plus a
   skip, GeLU, dropout 0.1, 1x1 up-projection, and a skip around the whole adapter.
@@ -39,14 +40,27 @@ import optax
 from adjax.methods import common
 
 
+# Mona's reference builds plain torch Linear/Conv2d layers and keeps their default init:
+# weights U(+-1/sqrt(3 fan_in)) (kaiming_uniform with a = sqrt(5)), biases U(+-1/sqrt(fan_in)).
+# Flax's defaults (lecun normal, zero bias) would make the adapter's initial residual about
+# three times larger (two layers, each sqrt(3) larger).
+TORCH_DEFAULT_KERNEL = nn.initializers.variance_scaling(1.0 / 3.0, "fan_in", "uniform")
+
+
+def _torch_dense(features, fan_in, name):
+  return nn.Dense(features, kernel_init=TORCH_DEFAULT_KERNEL, bias_init=common.torch_bias_init(fan_in), name=name)
+
+
 class MonaOp(nn.Module):
   @nn.compact
   def __call__(self, x):
     c = x.shape[-1]
     convs = [nn.Conv(c, (k, k), padding=((k // 2, k // 2), (k // 2, k // 2)), feature_group_count=c,
+                     kernel_init=TORCH_DEFAULT_KERNEL, bias_init=common.torch_bias_init(k * k),
                      name=f"conv{i + 1}")(x) for i, k in enumerate((3, 5, 7))]
     x = (convs[0] + convs[1] + convs[2]) / 3.0 + x
-    return x + nn.Conv(c, (1, 1), name="projector")(x)
+    return x + nn.Conv(c, (1, 1), kernel_init=TORCH_DEFAULT_KERNEL, bias_init=common.torch_bias_init(c),
+                       name="projector")(x)
 
 
 class Mona(nn.Module):
@@ -60,11 +74,11 @@ class Mona(nn.Module):
     gamma = self.param("gamma", nn.initializers.constant(1e-6), (c,))
     gammax = self.param("gammax", nn.initializers.ones, (c,))
     y = nn.LayerNorm(epsilon=1e-5, name="norm")(x) * gamma + x * gammax
-    y = nn.Dense(self.bottleneck, name="project1")(y)
+    y = _torch_dense(self.bottleneck, c, "project1")(y)
     y = MonaOp(name="adapter_conv")(y)
     y = nn.gelu(y, approximate=False)
     y = nn.Dropout(self.dropout, deterministic=not train)(y)
-    return x + nn.Dense(c, name="project2")(y)
+    return x + _torch_dense(c, self.bottleneck, "project2")(y)
 
 
 class BiasFreeFC(nn.Module):
