@@ -3,7 +3,8 @@ and a focal loss on the image score.
 
 Four stages (Sec. 3): patch features (frozen backbone) -> feature aligner (Mona adapter,
 eq. 5) -> defect feature fuser (Gaussian noise, eq. 6) -> three-layer MLP discriminator
-with sigmoid, D = normality in (0, 1). Loss (eq. 7-9) = truncated L1 over locations
+with sigmoid, D = normality in (0, 1) ("positive values for normal features and negative values
+for anomalous features" before the sigmoid, Sec. 3.4). Loss (eq. 7-9) = truncated L1 over locations
 (th+ 0.5, th- -0.5) + focal loss between the image anomaly score S_AD = max over
 locations of (1 - D) and the image label (0 for the normal image, 1 for its noised copy).
 Adam 1e-4 (aligner) / 2e-4 (discriminator), weight decay 1e-5, batch 4, 160 epochs.
@@ -162,7 +163,7 @@ def loss_fn(config, params, batch_stats, features, key):
   image_scores = jnp.concatenate([(1 - true_d).reshape(b, -1).max(axis=1), (1 - fake_d).reshape(b, -1).max(axis=1)])
   targets = jnp.concatenate([jnp.zeros(b), jnp.ones(b)])
   cls = focal_loss(image_scores, targets, m.focal_alpha, m.focal_gamma)
-  loss = seg + cls  # eq. 9
+  loss = seg + m.focal_weight * cls  # eq. 9 (weight 1); other weights are for diagnostics only
   return loss, (updates["batch_stats"], {"loss": loss, "seg_loss": seg, "focal_loss": cls})
 
 
