@@ -107,7 +107,7 @@ def _model(config):
     aligner = aligner(config.model.mona_bottleneck, config.model.mona_dropout)
   else:
     aligner = aligner()
-  # The sigmoid is applied here, not in the module, so that eq. 7 can see the logit.
+  # It returns the logit; loss_fn and score apply the sigmoid, so that eq. 7 can see the logit.
   return aligner, common.Discriminator(tuple(config.model.dsc_hidden))
 
 
