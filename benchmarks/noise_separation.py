@@ -1,0 +1,113 @@
+r"""How fast does a noise discriminator learn to tell normal features from their noised copies?
+
+  python benchmarks/noise_separation.py [--steps 2500] [--crop 14] [--category bottle]
+      [--runs "simplenet.py:mvtec_ad_lite0 data.image_size=256 data.crop_size=224,rsad.py:mvtec_ad_lite0"]
+
+A training diagnostic for SimpleNet and RSAD on real MVTec AD bottle, using the TRAINING
+images only (no test image is read, so it can guide choices without selecting on the test
+set). Each run trains its method for `--steps` steps of 4 images on random crops of the
+cached patch-feature maps (crops keep steps cheap on a CPU; the full protocol is
+benchmarks/bottle_accuracy.py) and prints, every `--steps/10` steps, the loss and
+P(D_true > D_fake): the fraction of locations of 4 training images whose clean feature the
+discriminator scores as more normal than the same feature plus the method's Gaussian noise
+(0.5 = cannot tell them apart). A run is a config plus `key=value` overrides.
+"""
+
+import argparse
+import ast
+import os
+import runpy
+import sys
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+from adjax import train  # noqa: E402
+from adjax.backbones.patch_features import make_feature_fn  # noqa: E402
+from adjax.data import datasets  # noqa: E402
+from adjax.methods import rsad, simplenet  # noqa: E402
+
+METHODS = {"simplenet": simplenet, "rsad": rsad}
+DEFAULT_RUNS = ("simplenet.py:mvtec_ad_lite0 data.image_size=256 data.crop_size=224,"
+                "rsad.py:mvtec_ad_lite0,"
+                "rsad.py:mvtec_ad_lite0 model.mona_dropout=0.0,"
+                "rsad.py:mvtec_ad_lite0 model.aligner='fc'")
+
+
+def load_run(spec: str):
+  """'file.py:variant key=value ...' -> config (same variant syntax as adjax.main)."""
+  name, *overrides = spec.split()
+  path, _, variant = name.partition(":")
+  config = runpy.run_path(os.path.join(ROOT, "configs", path))["get_config"](*([variant] if variant else []))
+  for override in overrides:
+    key, value = override.split("=", 1)
+    section, field = key.split(".")
+    old = config[section][field]
+    value = ast.literal_eval(value)
+    config[section][field] = type(old)(value) if isinstance(old, (tuple, list)) else value
+  return config
+
+
+def normality_logits(method, config, state, features, noise_key):
+  """Discriminator outputs for the clean aligned features and their noised copies (eq. 6)."""
+  adaptor, discriminator = method._model(config)
+  if method is rsad:
+    aligned = adaptor.apply({"params": state["params"]["aligner"]}, features, train=False)
+  else:
+    aligned = adaptor.apply({"params": state["params"]["adaptor"]}, features)
+  true = aligned.reshape(-1, features.shape[-1])
+  fake = true + config.model.noise_std * jax.random.normal(noise_key, true.shape)
+  variables = {"params": state["params"]["discriminator"], "batch_stats": state["batch_stats"]}
+  return (discriminator.apply(variables, true, train=False)[:, 0],
+          discriminator.apply(variables, fake, train=False)[:, 0])
+
+
+def main():
+  parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[1])
+  parser.add_argument("--root", default=os.path.join(ROOT, "..", "shared", "data", "mvtec_ad"))
+  parser.add_argument("--category", default="bottle")
+  parser.add_argument("--steps", type=int, default=2500)
+  parser.add_argument("--crop", type=int, default=14, help="side of the random crop of each feature map")
+  parser.add_argument("--runs", default=DEFAULT_RUNS, help="comma-separated runs")
+  args = parser.parse_args()
+  records = datasets.read_split("mvtec_ad", args.root, args.category).train
+  cache = {}
+  summary = []
+  for spec in args.runs.split(","):
+    config = load_run(spec.strip())
+    method = METHODS[config.model.name]
+    key = (config.data.image_size, config.data.crop_size, config.model.backbone, tuple(config.model.layers),
+           config.model.get("feature_scale", 1.0))
+    if key not in cache:
+      cache[key] = train.compute_features(config, make_feature_fn(config.model), records, "features")
+    features = cache[key]
+    n, h, w, _ = features.shape
+    crop = min(args.crop, h, w)
+    state = method.init(config, features[:1, :crop, :crop], jax.random.key(config.seed))
+    step = jax.jit(lambda s, b, k, c=config, m=method: m.train_step(c, s, {"features": b}, k))
+    probe = jnp.asarray(features[:4])
+    rng, key = np.random.default_rng(config.seed), jax.random.key(config.seed + 1)
+    print(f"== {spec.strip()}: {n} training images, maps {h}x{w}, crops {crop}x{crop}", flush=True)
+    start = time.perf_counter()
+    for i in range(1, args.steps + 1):
+      idx = rng.choice(n, 4, replace=False)
+      y, x = rng.integers(0, h - crop + 1), rng.integers(0, w - crop + 1)
+      key, sub = jax.random.split(key)
+      state, metrics = step(state, jnp.asarray(features[idx, y:y + crop, x:x + crop]), sub)
+      if i % max(1, args.steps // 10) == 0 or i == args.steps:
+        true, fake = normality_logits(method, config, state, probe, jax.random.key(5))
+        separation = float((true > fake).mean())
+        print(f"step {i:6d}  loss {float(metrics['loss']):.4f}  P(D_true > D_fake) {separation:.3f}  "
+              f"{time.perf_counter() - start:.0f} s", flush=True)
+    summary.append((spec.strip(), separation, time.perf_counter() - start))
+  print(f"\n| run | P(D_true > D_fake) after {args.steps} steps | wall time |\n|---|---|---|")
+  for spec, separation, seconds in summary:
+    print(f"| {spec} | {separation:.3f} | {seconds:.0f} s |")
+
+
+if __name__ == "__main__":
+  main()
