@@ -53,17 +53,10 @@ def load_run(spec: str):
 
 
 def normality_logits(method, config, state, features, noise_key):
-  """Discriminator outputs for the clean aligned features and their noised copies (eq. 6)."""
-  adaptor, discriminator = method._model(config)
-  if method is rsad:
-    aligned = adaptor.apply({"params": state["params"]["aligner"]}, features, train=False)
-  else:
-    aligned = adaptor.apply({"params": state["params"]["adaptor"]}, features)
-  true = aligned.reshape(-1, features.shape[-1])
+  """Discriminator outputs for the clean adapted features and their noised copies (eq. 6)."""
+  true = method.adapt(config, state, features)
   fake = true + config.model.noise_std * jax.random.normal(noise_key, true.shape)
-  variables = {"params": state["params"]["discriminator"], "batch_stats": state["batch_stats"]}
-  return (discriminator.apply(variables, true, train=False)[:, 0],
-          discriminator.apply(variables, fake, train=False)[:, 0])
+  return method.discriminate(config, state, true), method.discriminate(config, state, fake)
 
 
 def main():
@@ -77,8 +70,8 @@ def main():
   records = datasets.read_split("mvtec_ad", args.root, args.category).train
   cache = {}
   summary = []
-  for spec in args.runs.split(","):
-    config = load_run(spec.strip())
+  for spec in [s.strip() for s in args.runs.split(",")]:
+    config = load_run(spec)
     method = METHODS[config.model.name]
     key = (config.data.image_size, config.data.crop_size, config.model.backbone, tuple(config.model.layers),
            config.model.get("feature_scale", 1.0))
@@ -91,7 +84,7 @@ def main():
     step = jax.jit(lambda s, b, k, c=config, m=method: m.train_step(c, s, {"features": b}, k))
     probe = jnp.asarray(features[:4])
     rng, key = np.random.default_rng(config.seed), jax.random.key(config.seed + 1)
-    print(f"== {spec.strip()}: {n} training images, maps {h}x{w}, crops {crop}x{crop}", flush=True)
+    print(f"== {spec}: {n} training images, maps {h}x{w}, crops {crop}x{crop}", flush=True)
     start = time.perf_counter()
     for i in range(1, args.steps + 1):
       idx = rng.choice(n, 4, replace=False)
@@ -103,7 +96,7 @@ def main():
         separation = float((true > fake).mean())
         print(f"step {i:6d}  loss {float(metrics['loss']):.4f}  P(D_true > D_fake) {separation:.3f}  "
               f"{time.perf_counter() - start:.0f} s", flush=True)
-    summary.append((spec.strip(), separation, time.perf_counter() - start))
+    summary.append((spec, separation, time.perf_counter() - start))
   print(f"\n| run | P(D_true > D_fake) after {args.steps} steps | wall time |\n|---|---|---|")
   for spec, separation, seconds in summary:
     print(f"| {spec} | {separation:.3f} | {seconds:.0f} s |")

@@ -171,11 +171,21 @@ def train_step(config, state, batch, key):
   return common.gradient_step(config, state, batch["features"], key, loss_fn, _optimizer(config))
 
 
-def score(config, state, features):
-  aligner, discriminator = _model(config)
-  b, h, w, c = features.shape
+def adapt(config, state, features):
+  """Aligned patch features (B*H*W, C) of (B, H, W, C) features (Mona works on the maps), inference mode."""
+  aligner, _ = _model(config)
   aligned = aligner.apply({"params": state["params"]["aligner"]}, features, train=False)
-  logit = discriminator.apply({"params": state["params"]["discriminator"], "batch_stats": state["batch_stats"]},
-                              aligned.reshape(-1, c), train=False)
-  maps = (1.0 - jax.nn.sigmoid(logit[:, 0])).reshape(b, h, w)
+  return aligned.reshape(-1, features.shape[-1])
+
+
+def discriminate(config, state, aligned):
+  """The discriminator's pre-sigmoid normality logit for (N, C) aligned features, inference mode."""
+  _, discriminator = _model(config)
+  variables = {"params": state["params"]["discriminator"], "batch_stats": state["batch_stats"]}
+  return discriminator.apply(variables, aligned, train=False)[:, 0]
+
+
+def score(config, state, features):
+  b, h, w, _ = features.shape
+  maps = (1.0 - jax.nn.sigmoid(discriminate(config, state, adapt(config, state, features)))).reshape(b, h, w)
   return maps.max(axis=(1, 2)), maps

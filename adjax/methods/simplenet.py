@@ -79,11 +79,20 @@ def train_step(config, state, batch, key):
   return common.gradient_step(config, state, batch["features"], key, loss_fn, _optimizer(config))
 
 
+def adapt(config, state, features):
+  """Adapted patch features (B*H*W, C) of (B, H, W, C) features, as the discriminator sees them."""
+  adaptor, _ = _model(config)
+  return adaptor.apply({"params": state["params"]["adaptor"]}, features.reshape(-1, features.shape[-1]))
+
+
+def discriminate(config, state, adapted):
+  """The discriminator's output (higher = more normal) for (N, C) adapted features, inference mode."""
+  _, discriminator = _model(config)
+  variables = {"params": state["params"]["discriminator"], "batch_stats": state["batch_stats"]}
+  return discriminator.apply(variables, adapted, train=False)[:, 0]
+
+
 def score(config, state, features):
-  adaptor, discriminator = _model(config)
-  b, h, w, c = features.shape
-  adapted = adaptor.apply({"params": state["params"]["adaptor"]}, features.reshape(-1, c))
-  d = discriminator.apply({"params": state["params"]["discriminator"], "batch_stats": state["batch_stats"]},
-                          adapted, train=False)
-  maps = -d[:, 0].reshape(b, h, w)
+  b, h, w, _ = features.shape
+  maps = -discriminate(config, state, adapt(config, state, features)).reshape(b, h, w)
   return maps.max(axis=(1, 2)), maps
