@@ -62,9 +62,10 @@ def score_dataset(config, method, state, feature_fn, records, desc):
   scores, maps, masks, labels, images = [], [], [], [], []
   with progress.bar(len(records), desc) as bar:
     for batch in dataset:
-      s, m = score_batch(state, batch["image"])
-      scores.append(np.asarray(s))
-      maps.append(np.asarray(m))
+      count = len(batch["label"])
+      s, m = score_batch(state, pipeline.pad_batch(batch["image"], config.eval.batch_size))
+      scores.append(np.asarray(s[:count]))
+      maps.append(np.asarray(m[:count]))
       masks.append(batch["mask"])
       labels.append(batch["label"])
       images.append(batch["image"])

@@ -4,7 +4,6 @@ features once, build the method's state, checkpoint it, evaluate and report.
 Methods are reached only through the interface in adjax/methods/__init__.py.
 """
 
-import functools
 import json
 import os
 
@@ -51,8 +50,10 @@ def compute_features(config, feature_fn, records, desc, subclass_ids=()):
   chunks = []
   with progress.bar(len(records), desc) as bar:
     for batch in dataset:
-      chunks.append(jax.tree.map(np.asarray, feature_fn(batch["image"])))
-      bar.update(len(batch["index"]))
+      count = len(batch["index"])
+      features = feature_fn(pipeline.pad_batch(batch["image"], config.train.batch_size))
+      chunks.append(jax.tree.map(lambda a: np.asarray(a[:count]), features))
+      bar.update(count)
   # Features are one array (patch features) or a pytree of arrays (e.g. PFM's two backbones' maps).
   return jax.tree.map(lambda *parts: np.concatenate(parts), *chunks)
 
@@ -167,9 +168,10 @@ class FeatureSource:
   def epoch(self, order, batch_size):
     """Yields {'features', 'subclass'} batches following `order` (indices into records)."""
     if self.features is not None:
+      take = _take_rows if isinstance(jax.tree.leaves(self.features)[0], jax.Array) else _take_rows_host
       for start in range(0, len(order), batch_size):
         idx = order[start:start + batch_size]
-        yield {"features": jax.tree.map(lambda a: a[idx], self.features), "subclass": self.subclass[idx]}
+        yield {"features": take(self.features, idx), "subclass": self.subclass[idx]}
       return
     ordered = [self.records[i] for i in order]
     dataset = pipeline.make_dataset(
@@ -179,6 +181,15 @@ class FeatureSource:
     for start, batch in zip(range(0, len(order), batch_size), dataset):
       idx = order[start:start + batch_size]
       yield {"features": self.feature_fn(batch["image"]), "subclass": self.subclass[idx]}
+
+
+def _take_rows_host(tree, idx):
+  return jax.tree.map(lambda a: a[idx], tree)
+
+
+# One compiled gather per batch instead of eager indexing's several dispatches (measured on an
+# H100: 1.5 ms of host time per step, comparable to SimpleNet's whole 2.7 ms step).
+_take_rows = jax.jit(_take_rows_host)
 
 
 def epoch_order(seed: int, epoch: int, n: int) -> np.ndarray:
@@ -204,13 +215,14 @@ def train_gradient(config, method, source: FeatureSource, state, key, workdir: s
       state, start_epoch = restored["state"], int(restored["epoch"]) + 1
       logging.info("Resuming %s from the checkpoint after epoch %d", category, start_epoch)
     state = jax.device_put(state, parallel.replicated(mesh))
-    step = jax.jit(functools.partial(method.train_step, config), donate_argnums=0)
+    # The step's key is derived inside the compiled step (one dispatch per step, not two).
+    step = jax.jit(lambda state, batch, key, t: method.train_step(config, state, batch, jax.random.fold_in(key, t)),
+                   donate_argnums=0)
     with progress.bar((config.train.epochs - start_epoch) * steps_per_epoch, f"training {category}", "step") as bar:
       for epoch in range(start_epoch, config.train.epochs):
         totals = {}
         for i, batch in enumerate(source.epoch(epoch_order(config.seed, epoch, n), batch_size)):
-          step_key = jax.random.fold_in(key, epoch * steps_per_epoch + i)
-          state, metrics = step(state, parallel.put_batch(batch, mesh), step_key)
+          state, metrics = step(state, parallel.put_batch(batch, mesh), key, epoch * steps_per_epoch + i)
           for k, v in metrics.items():
             totals[k] = totals.get(k, 0.0) + v
           bar.update(1)

@@ -206,3 +206,24 @@ def test_cached_and_recomputed_features_train_identically(tmp_path, synthetic_ro
                                  "metal")
     params[cached] = _named(state)
   assert_same_training(params[True], params[False])
+
+
+def test_padded_short_last_batch_scores_as_if_alone(synthetic_root):
+  # score_dataset pads a short last batch with zero images (one compiled shape); the real
+  # images' scores and maps must be those of scoring each image on its own.
+  from adjax import evaluate
+  from adjax.backbones.patch_features import make_feature_fn
+  from adjax.data import datasets
+  config = tiny_config(simplenet_config)
+  config.data.image_size = config.data.crop_size = 64
+  records = datasets.read_split("synthetic", synthetic_root, "metal").test[:5]
+  feature_fn = make_feature_fn(config.model)
+  sample = feature_fn(np.zeros((1, 64, 64, 3), np.float32))
+  state = simplenet.init(config, np.asarray(sample), jax.random.key(0))
+  scored = {}
+  for batch_size in (3, 1):
+    config.eval.batch_size = batch_size
+    scored[batch_size] = evaluate.score_dataset(config, simplenet, state, feature_fn, records, "scoring")
+  assert len(scored[3]["scores"]) == len(records)
+  np.testing.assert_allclose(scored[3]["scores"], scored[1]["scores"], rtol=1e-5, atol=1e-6)
+  np.testing.assert_allclose(scored[3]["maps"], scored[1]["maps"], rtol=1e-5, atol=1e-6)

@@ -70,12 +70,19 @@ def patch_features(feature_maps: Sequence[jax.Array], pretrain_embed_dim: int = 
 
 @dataclasses.dataclass(frozen=True)
 class FeatureExtractor:
-  """Jitted images (B, H, W, 3) -> patch features (B, h, w, C); `spec` has the input normalisation."""
+  """Images (B, H, W, 3) -> patch features (B, h, w, C) through the jitted fn(variables, images);
+  `spec` has the input normalisation.
+
+  The frozen weights are passed to the compiled function as arguments, not closed over: closed
+  over, XLA embeds them as constants, and compiling WideResNet50's 69M then took most of a
+  short GPU training run (measured on an H100, see benchmarks/README.md).
+  """
   fn: Callable
+  variables: object
   spec: object
 
   def __call__(self, images):
-    return self.fn(images)
+    return self.fn(self.variables, images)
 
 
 def make_pair_fn(model_config) -> FeatureExtractor:
@@ -99,12 +106,12 @@ def make_pair_fn(model_config) -> FeatureExtractor:
                                                dtype=dtype, seed=1)
 
   @jax.jit
-  def features(images):
-    maps_s, maps_t = extract_s(vars_s, images), extract_t(vars_t, images)
+  def features(variables, images):
+    maps_s, maps_t = extract_s(variables[0], images), extract_t(variables[1], images)
     return {"source": tuple(maps_s[t].astype(jnp.float32) for t in source_layers),
             "target": tuple(maps_t[t].astype(jnp.float32) for t in target_layers)}
 
-  return FeatureExtractor(features, target)
+  return FeatureExtractor(features, (vars_s, vars_t), target)
 
 
 def make_feature_fn(model_config) -> FeatureExtractor:
@@ -122,10 +129,10 @@ def make_feature_fn(model_config) -> FeatureExtractor:
                                                 dtype=dtype)
 
   @jax.jit
-  def features(images):
+  def features(variables, images):
     maps = extract(variables, images)
     features = patch_features([maps[t].astype(jnp.float32) for t in layers], model_config.pretrain_embed_dim,
                               model_config.target_embed_dim, model_config.patch_size)
     return features * model_config.feature_scale
 
-  return FeatureExtractor(features, backbones.get_spec(model_config.backbone))
+  return FeatureExtractor(features, variables, backbones.get_spec(model_config.backbone))

@@ -67,3 +67,15 @@ def make_dataset(records: Sequence[Record], *, image_size: int, crop_size: int, 
 def num_batches(num_records: int, batch_size: int, drop_remainder: bool = False, shard_count: int = 1) -> int:
   per_shard = -(-num_records // shard_count)
   return per_shard // batch_size if drop_remainder else -(-per_shard // batch_size)
+
+
+def pad_batch(images: np.ndarray, batch_size: int) -> np.ndarray:
+  """`images` with zero images appended up to `batch_size`, so that a dataset's short last
+  batch reuses the full batches' compiled program instead of compiling its own (each
+  backbone compile costs seconds, more on a GPU). Callers drop the padded rows; every
+  extractor and scorer treats images independently (inference-mode BatchNorm), so the real
+  rows are unchanged."""
+  missing = batch_size - len(images)
+  if missing <= 0:
+    return images
+  return np.concatenate([images, np.zeros((missing,) + images.shape[1:], images.dtype)])
