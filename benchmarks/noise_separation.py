@@ -47,7 +47,11 @@ def load_run(spec: str):
     key, value = override.split("=", 1)
     section, field = key.split(".")
     old = config[section][field]
-    value = ast.literal_eval(value)
+    try:
+      value = ast.literal_eval(value)
+    except (ValueError, SyntaxError):  # a bare word such as model.aligner=fc is a string
+      if not isinstance(old, str):
+        raise
     config[section][field] = type(old)(value) if isinstance(old, (tuple, list)) else value
   return config
 

@@ -32,6 +32,7 @@ def get_config(arg: str = ""):
   m.dsc_hidden = (1024, 1024)  # three-layer MLP (Sec. 3.4); widths as SimpleNet's discriminator
   m.focal_alpha = 0.25         # torchvision sigmoid_focal_loss defaults (the paper gives none)
   m.focal_gamma = 2.0
+  m.focal_on = "locations"     # Algorithm 1's "focal loss_loc" per location; 'image': eq. 8's text (rsad.py explains)
   m.focal_weight = 1.0         # eq. 9: L = L_seg + L_cls (0 switches the focal term off, a diagnostic)
   m.aligner_lr = 1e-4          # Sec. 3.5 / 4: Adam 1e-4 (aligner), 2e-4 (discriminator), wd 1e-5
   m.dsc_lr = 2e-4

@@ -98,3 +98,38 @@ def test_mona_starts_from_torch_default_init():
     assert 0 < np.abs(params[name]["bias"]).max() <= 1 / np.sqrt(fan_in)
   conv = params["adapter_conv"]["conv3"]  # depth-wise 7x7: fan_in 49
   np.testing.assert_allclose(np.std(conv["kernel"]), 1 / np.sqrt(3 * 49), rtol=0.05)
+
+
+@pytest.mark.parametrize("focal_on", ["image", "locations"])
+def test_focal_term_is_on_the_image_max_or_on_every_location(focal_on):
+  # Recompute eq. 8's term from the discriminator's train-mode outputs and compare.
+  config = rsad_config.get_config("")
+  config.model.aligner, config.model.dsc_hidden, config.model.focal_on = "none", (8, 8), focal_on
+  features = np.random.default_rng(2).normal(0, 0.3, size=(2, 3, 3, 16)).astype(np.float32)
+  state = rsad.init(config, features, jax.random.key(0))
+  key = jax.random.key(5)
+  _, (_, metrics) = rsad.loss_fn(config, state["params"], state["batch_stats"], features, key)
+  noise_key, _ = jax.random.split(key)
+  true = features.reshape(-1, 16)
+  fake = true + config.model.noise_std * np.asarray(jax.random.normal(noise_key, true.shape))
+  _, discriminator = rsad._model(config)
+  logits, _ = discriminator.apply({"params": state["params"]["discriminator"], "batch_stats": state["batch_stats"]},
+                                  np.concatenate([true, fake]), train=True, mutable=["batch_stats"])
+  anomaly = 1 - 1 / (1 + np.exp(-np.asarray(logits[:, 0], np.float64)))
+  clean, noised = anomaly[:18], anomaly[18:]
+  if focal_on == "image":
+    anomaly = np.concatenate([clean.reshape(2, -1).max(1), noised.reshape(2, -1).max(1)])
+    target = np.array([0, 0, 1, 1])
+  else:
+    target = np.concatenate([np.zeros(18), np.ones(18)])
+  p_t = np.where(target == 1, anomaly, 1 - anomaly)
+  expected = np.mean(-np.log(p_t) * (1 - p_t) ** 2 * np.where(target == 1, 0.25, 0.75))
+  np.testing.assert_allclose(float(metrics["focal_loss"]), expected, rtol=1e-4)
+
+
+def test_unknown_focal_target_is_a_config_error():
+  from adjax.errors import ConfigError
+  config = rsad_config.get_config("")
+  config.model.focal_on = "pixels"
+  with pytest.raises(ConfigError, match="model.focal_on"):
+    rsad.init(config, np.zeros((1, 2, 2, 16), np.float32), jax.random.key(0))
