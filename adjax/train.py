@@ -52,7 +52,7 @@ def compute_features(config, feature_fn, records, desc, subclass_ids=()):
     for batch in dataset:
       count = len(batch["index"])
       features = feature_fn(pipeline.pad_batch(batch["image"], config.train.batch_size))
-      chunks.append(jax.tree.map(lambda a: np.asarray(a[:count]), features))
+      chunks.append(jax.tree.map(lambda a: np.asarray(a)[:count], features))  # host slice: no extra program
       bar.update(count)
   # Features are one array (patch features) or a pytree of arrays (e.g. PFM's two backbones' maps).
   return jax.tree.map(lambda *parts: np.concatenate(parts), *chunks)
@@ -165,6 +165,13 @@ class FeatureSource:
     batches = [jax.tree.map(np.asarray, b["features"]) for b in self.epoch(np.arange(len(self.records)), 8)]
     return jax.tree.map(lambda *parts: np.concatenate(parts), *batches)
 
+  def sample(self):
+    """A one-record features batch for init, which reads only its shape (from the cache: zeros of
+    that shape, no device program compiled for it)."""
+    if self.features is not None:
+      return jax.tree.map(lambda a: np.zeros((1,) + a.shape[1:], a.dtype), self.features)
+    return next(self.epoch(np.arange(1), 1))["features"]
+
   def epoch(self, order, batch_size):
     """Yields {'features', 'subclass'} batches following `order` (indices into records)."""
     if self.features is not None:
@@ -220,13 +227,14 @@ def train_gradient(config, method, source: FeatureSource, state, key, workdir: s
                    donate_argnums=0)
     with progress.bar((config.train.epochs - start_epoch) * steps_per_epoch, f"training {category}", "step") as bar:
       for epoch in range(start_epoch, config.train.epochs):
-        totals = {}
+        step_metrics = []
         for i, batch in enumerate(source.epoch(epoch_order(config.seed, epoch, n), batch_size)):
           state, metrics = step(state, parallel.put_batch(batch, mesh), key, epoch * steps_per_epoch + i)
-          for k, v in metrics.items():
-            totals[k] = totals.get(k, 0.0) + v
+          step_metrics.append(metrics)
           bar.update(1)
-        means = {k: float(v) / steps_per_epoch for k, v in totals.items()}
+        # One transfer per epoch; summing on the device would dispatch (and compile) an add per step.
+        step_metrics = jax.device_get(step_metrics)
+        means = {k: float(np.mean([m[k] for m in step_metrics])) for k in step_metrics[0]}
         bar.set_postfix({k: f"{v:.4f}" for k, v in means.items()})
         last = epoch == config.train.epochs - 1
         if last or (epoch + 1) % config.train.checkpoint_every == 0:
@@ -267,8 +275,7 @@ def fit_category(config, method, feature_fn, split, key, workdir):
     counts = np.bincount(source.subclass, minlength=num_subclasses)
     names = subclass_ids if len(subclass_ids) == num_subclasses else [f"cluster{k}" for k in range(num_subclasses)]
     logging.info("%s: %d training subclasses %s", split.category, num_subclasses, dict(zip(names, counts.tolist())))
-  sample = next(source.epoch(np.arange(1), 1))["features"]
-  state = compiled_init(config, method, sample, init_key, num_subclasses)
+  state = compiled_init(config, method, source.sample(), init_key, num_subclasses)
   state = train_gradient(config, method, source, state, train_key, workdir, split.category)
   if hasattr(method, "finalize"):
     state = method.finalize(config, state, source.epoch(np.arange(len(source.records)), config.train.batch_size))

@@ -17,6 +17,11 @@ protocol on an accelerator; on CPU it runs --adjax-epochs (default 3) and the re
 epochs are extrapolated from its steady (post-compilation) epoch time. Prints images/s,
 wall times and the ratio. Also times inference (features -> scores -> upsampled,
 smoothed map) for one batch.
+
+Compiled programs are cached as `python -m adjax.main` caches them (io_utils.enable_compilation_cache:
+<adjax cache>/xla or $JAX_COMPILATION_CACHE_DIR); the script says whether the cache started
+empty (a cold start) or not. For a cold start point JAX_COMPILATION_CACHE_DIR at a new folder;
+ADJAX_COMPILATION_CACHE=0 turns the cache off.
 """
 
 import argparse
@@ -36,7 +41,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "configs"))
 import simplenet as simplenet_config  # noqa: E402
 
-from adjax import evaluate, train  # noqa: E402
+from adjax import evaluate, io_utils, train  # noqa: E402
 from adjax.backbones.patch_features import make_feature_fn  # noqa: E402
 from adjax.data import datasets, transforms  # noqa: E402
 from adjax.methods import simplenet  # noqa: E402
@@ -111,6 +116,11 @@ def main():
   parser.add_argument("--adjax-epochs", type=int, default=0,
                       help="epochs adjax really runs (0: the whole protocol on an accelerator, 3 on CPU)")
   args = parser.parse_args()
+  io_utils.enable_compilation_cache()
+  cache = jax.config.jax_compilation_cache_dir
+  entries = len(os.listdir(cache)) if cache and os.path.isdir(cache) else 0
+  print(f"compilation cache: {cache or 'off'}" + (f" ({entries} entries at start: {'warm' if entries else 'cold'})"
+                                                  if cache else ""))
   torch.set_num_threads(os.cpu_count())
   device = "cuda" if torch.cuda.is_available() else "cpu"
   # On a GPU, XLA runs float32 convolutions and matmuls in TF32 by default; let PyTorch do the
