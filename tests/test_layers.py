@@ -35,3 +35,13 @@ def test_tf_same_padding():
   assert layers.tf_same_padding(225, 3, 2) == (1, 1)
   assert layers.tf_same_padding(112, 5, 1) == (2, 2)
   assert layers.tf_same_padding(57, 5, 2) == (2, 2)
+
+
+def test_cpu_convolution_flag_only_for_measured_jaxlib_and_never_over_the_users():
+  import adjax
+  flag = "--xla_cpu_experimental_ynn_fusion_type"
+  assert adjax.with_cpu_flags("", (0, 10, 2)) == f"{flag}=-individual_convolution"
+  assert adjax.with_cpu_flags("--a=1", (0, 10, 2)) == f"--a=1 {flag}=-individual_convolution"
+  assert adjax.with_cpu_flags(f"{flag}=dot", (0, 10, 2)) == f"{flag}=dot"  # the user's choice stays
+  for unmeasured in [(0, 10, 1), (0, 11, 0), ()]:  # XLA aborts on flags it does not know
+    assert adjax.with_cpu_flags("--a=1", unmeasured) == "--a=1"
