@@ -4,6 +4,7 @@ features once, build the method's state, checkpoint it, evaluate and report.
 Methods are reached only through the interface in adjax/methods/__init__.py.
 """
 
+import concurrent.futures
 import json
 import os
 
@@ -204,12 +205,21 @@ def epoch_order(seed: int, epoch: int, n: int) -> np.ndarray:
   return np.random.default_rng([seed, epoch]).permutation(n)
 
 
-def train_gradient(config, method, source: FeatureSource, state, key, workdir: str, category: str):
+def make_train_step(config, method):
+  """method.train_step as one jitted function (state donated). The step's key fold_in(key, t)
+  is derived inside the compiled step: one dispatch per step, not two."""
+  def adjax_train_step(state, batch, key, t):  # the name shows in JAX's compilation logs
+    return method.train_step(config, state, batch, jax.random.fold_in(key, t))
+  return jax.jit(adjax_train_step, donate_argnums=0)
+
+
+def train_gradient(config, method, source: FeatureSource, state, key, workdir: str, category: str, step=None):
   """Epochs of method.train_step, data-parallel over all devices, checkpointed and resumable.
 
   Randomness of step t is fold_in(key, t), the data order of epoch e is epoch_order(seed, e):
   an interrupted run restarted with the same workdir continues from its last checkpoint and
-  ends with exactly the parameters of an uninterrupted run.
+  ends with exactly the parameters of an uninterrupted run. `step` is make_train_step's
+  function (possibly compiled ahead by precompile_training); a new one when not given.
   """
   mesh = parallel.data_mesh()
   n = len(source.records)
@@ -222,9 +232,7 @@ def train_gradient(config, method, source: FeatureSource, state, key, workdir: s
       state, start_epoch = restored["state"], int(restored["epoch"]) + 1
       logging.info("Resuming %s from the checkpoint after epoch %d", category, start_epoch)
     state = jax.device_put(state, parallel.replicated(mesh))
-    # The step's key is derived inside the compiled step (one dispatch per step, not two).
-    step = jax.jit(lambda state, batch, key, t: method.train_step(config, state, batch, jax.random.fold_in(key, t)),
-                   donate_argnums=0)
+    step = step or make_train_step(config, method)
     with progress.bar((config.train.epochs - start_epoch) * steps_per_epoch, f"training {category}", "step") as bar:
       for epoch in range(start_epoch, config.train.epochs):
         step_metrics = []
@@ -246,14 +254,57 @@ def train_gradient(config, method, source: FeatureSource, state, key, workdir: s
   return state
 
 
-def compiled_init(config, method, sample, key, num_subclasses=1):
-  """method.init(config, sample, key, num_subclasses) as one compiled program. Run op by op,
-  Flax's initialisers compile dozens of small programs, each too quick for the persistent
-  compilation cache to keep: on the 2-core CPU SimpleNet's init took 4.0 s eagerly, 3.0 s
-  compiled (1.9 s of it compilation, which the cache keeps; both with another job running).
-  On an H100 the set-up phase that holds it took 4-5 s of a 33 s run even with a warm cache;
-  the gain there is not yet measured. Gradient methods read only the sample's shape."""
-  return jax.jit(lambda sample, key: method.init(config, sample, key, num_subclasses))(sample, key)
+def make_init(config, method, num_subclasses=1):
+  """method.init(config, sample, key, num_subclasses) as one jitted function of (sample, key).
+  Run op by op, Flax's initialisers compile dozens of small programs, each too quick for the
+  persistent compilation cache to keep: on the 2-core CPU SimpleNet's init took 4.0 s
+  eagerly, 3.0 s compiled (1.9 s of it compilation, which the cache keeps; both with another
+  job running). Gradient methods read only the sample's shape."""
+  return jax.jit(lambda sample, key: method.init(config, sample, key, num_subclasses))
+
+
+def training_batch_sizes(n: int, batch_size: int) -> list:
+  """The batch sizes an epoch of n records produces: full batches and a short last one."""
+  return sorted({min(batch_size, n)} | ({n % batch_size} if n > batch_size and n % batch_size else set()))
+
+
+def precompile_training(config, feature_fn, n, init_fn, init_key, step_fn, train_key) -> concurrent.futures.Future:
+  """Compiles init, the row gathers and the training step for every batch size of an epoch
+  from shapes alone, in a background thread, so that compilation overlaps the feature pass
+  instead of following it. Wait for the result (True when everything compiled) before
+  training. Compiled ahead with the same
+  jitted functions, shapes and shardings as the calls that follow, the programs are taken
+  from JAX's in-memory cache by those calls; anything that fails here is simply compiled (and
+  its error raised) by the call itself."""
+
+  def compile_all():
+    try:
+      b = config.train.batch_size
+      images = jax.ShapeDtypeStruct((b, config.data.crop_size, config.data.crop_size, 3), np.float32)
+      per_batch = jax.eval_shape(feature_fn.fn, feature_fn.variables, images)
+      sample = jax.tree.map(lambda a: np.zeros((1,) + a.shape[1:], a.dtype), per_batch)
+      init_fn.lower(sample, init_key).compile()
+      mesh = parallel.data_mesh()
+      state = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=parallel.replicated(mesh)),
+                           jax.eval_shape(init_fn, sample, init_key))
+      cached = jax.tree.map(lambda a: jax.ShapeDtypeStruct((n,) + a.shape[1:], a.dtype), per_batch)
+      for size in training_batch_sizes(n, b):
+        if config.train.cache_features:
+          _take_rows.lower(cached, np.zeros(size, np.int64)).compile()
+        sharding = parallel.batch_sharding(mesh, size)
+        batch = {"features": jax.tree.map(lambda a: jax.ShapeDtypeStruct((size,) + a.shape[1:], a.dtype,
+                                                                          sharding=sharding), per_batch),
+                 "subclass": jax.ShapeDtypeStruct((size,), np.int32, sharding=sharding)}
+        step_fn.lower(state, batch, train_key, 0).compile()
+      return True
+    except Exception as e:  # noqa: BLE001 - the real calls recompile and report
+      logging.info("Ahead-of-time compilation skipped (%s: %s); compiling on first use.", type(e).__name__, e)
+      return False
+
+  executor = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="adjax-precompile")
+  future = executor.submit(compile_all)
+  executor.shutdown(wait=False)
+  return future
 
 
 def fit_category(config, method, feature_fn, split, key, workdir):
@@ -266,6 +317,11 @@ def fit_category(config, method, feature_fn, split, key, workdir):
     state = method.init(config, train_features, init_key, len(subclass_ids))
     save_state(workdir, split.category, 0, {"state": state, "epoch": 0})
     return state
+  step_fn = make_train_step(config, method)
+  precompiling = None
+  if not hasattr(method, "assign_subclasses"):  # else the state's shape depends on the features
+    init_fn = make_init(config, method, len(subclass_ids))
+    precompiling = precompile_training(config, feature_fn, len(split.train), init_fn, init_key, step_fn, train_key)
   source = FeatureSource(config, feature_fn, split.train, subclass_ids)
   if hasattr(method, "assign_subclasses"):
     source.subclass = np.asarray(method.assign_subclasses(config, source.all_features(), source.subclass, assign_key),
@@ -275,8 +331,12 @@ def fit_category(config, method, feature_fn, split, key, workdir):
     counts = np.bincount(source.subclass, minlength=num_subclasses)
     names = subclass_ids if len(subclass_ids) == num_subclasses else [f"cluster{k}" for k in range(num_subclasses)]
     logging.info("%s: %d training subclasses %s", split.category, num_subclasses, dict(zip(names, counts.tolist())))
-  state = compiled_init(config, method, source.sample(), init_key, num_subclasses)
-  state = train_gradient(config, method, source, state, train_key, workdir, split.category)
+  if precompiling is None:
+    init_fn = make_init(config, method, num_subclasses)
+  else:
+    precompiling.result()
+  state = init_fn(source.sample(), init_key)
+  state = train_gradient(config, method, source, state, train_key, workdir, split.category, step_fn)
   if hasattr(method, "finalize"):
     state = method.finalize(config, state, source.epoch(np.arange(len(source.records)), config.train.batch_size))
     save_state(workdir, split.category, config.train.epochs - 1, {"state": state, "epoch": config.train.epochs - 1})

@@ -227,3 +227,37 @@ def test_padded_short_last_batch_scores_as_if_alone(synthetic_root):
   assert len(scored[3]["scores"]) == len(records)
   np.testing.assert_allclose(scored[3]["scores"], scored[1]["scores"], rtol=1e-5, atol=1e-6)
   np.testing.assert_allclose(scored[3]["maps"], scored[1]["maps"], rtol=1e-5, atol=1e-6)
+
+
+def test_training_compiles_ahead_one_step_program_per_batch_size(synthetic_root, tmp_path, monkeypatch, caplog):
+  # fit_category compiles init and the step for the full and the short last batch (7 = 3 + 3 + 1)
+  # in a background thread while the features are computed. The training loop must then
+  # compile no step program of its own (it would if the ahead-of-time programs did not match
+  # its calls' shapes, shardings or weak types), and the results must not change.
+  import dataclasses
+  import logging
+  from adjax.backbones.patch_features import make_feature_fn
+  from adjax.data import datasets
+  config = tiny_config(simplenet_config)
+  config.data.image_size = config.data.crop_size = 64
+  config.train.epochs, config.train.batch_size = 2, 3
+  split = datasets.read_split("synthetic", synthetic_root, "metal")
+  split = dataclasses.replace(split, train=split.train[:7])
+  feature_fn = make_feature_fn(config.model)
+  assert train.training_batch_sizes(7, 3) == [1, 3] and train.training_batch_sizes(6, 3) == [3]
+  assert train.training_batch_sizes(2, 3) == [2]
+  futures = []
+  precompile = train.precompile_training
+  monkeypatch.setattr(train, "precompile_training", lambda *a: futures.append(precompile(*a)) or futures[-1])
+  caplog.set_level(logging.WARNING)
+  jax.config.update("jax_log_compiles", True)  # globally: the context manager is thread-local
+  try:
+    ahead = train.fit_category(config, simplenet, feature_fn, split, jax.random.key(0), str(tmp_path / "ahead"))
+  finally:
+    jax.config.update("jax_log_compiles", False)
+  assert len(futures) == 1 and futures[0].result() is True
+  step_compiles = [r.threadName for r in caplog.records if "Compiling jit(adjax_train_step)" in r.getMessage()]
+  assert len(step_compiles) == 2 and all(t.startswith("adjax-precompile") for t in step_compiles), step_compiles
+  monkeypatch.setattr(train, "precompile_training", lambda *a: None)
+  plain = train.fit_category(config, simplenet, feature_fn, split, jax.random.key(0), str(tmp_path / "plain"))
+  assert_same_training(_named(ahead), _named(plain))
