@@ -190,8 +190,8 @@ def main():
   torch_total = args.protocol_epochs * torch_epoch_s
 
   print(f"adjax: {adjax_epochs} epochs of train.fit_category in {fit_s:.1f} s: feature cache "
-        f"{feature_s[0]:.1f} s (decode + backbone incl. compile), other set-up "
-        f"{before_training - feature_s[0]:.1f} s, first epoch (compiles) {epoch_s[0]:.2f} s, then {steady_epoch:.3f} s/epoch "
+        f"{feature_s[0]:.1f} s (decode + backbone incl. its compilation; the training programs compile alongside), "
+        f"other set-up {before_training - feature_s[0]:.1f} s, first epoch {epoch_s[0]:.2f} s, then {steady_epoch:.3f} s/epoch "
         f"({n / steady_epoch:.1f} img/s)")
   print(f"torch: {torch_epoch_s:.1f} s/epoch ({n / torch_epoch_s:.1f} img/s), backbone recomputed each epoch")
   print(f"{args.protocol_epochs}-epoch protocol (adjax ran {adjax_epochs}, torch {args.measure_epochs} epoch(s), rest extrapolated): "
