@@ -16,6 +16,9 @@ Keys (override any with --config.<key>=<value>):
   model.feature_scale       constant factor on the patch features (see lite0_demo)
   train.epochs, train.batch_size
   train.cache_features      compute frozen features once and reuse them every epoch (same result)
+  train.feature_cache_device_mb  cache on the accelerator up to this size, else on the host
+  train.feature_cache_dtype float32 (exact) | bfloat16 (half the memory; features rounded, so
+                            results differ slightly from recomputing them)
   train.checkpoint_every    epochs between checkpoints; an interrupted run resumes from the last
   eval.batch_size, eval.smoothing_sigma (Gaussian on the upsampled map), eval.num_overlays
 """
@@ -32,8 +35,8 @@ def base() -> ml_collections.ConfigDict:
       name="", backbone="efficientnet_lite0", backbone_weights="imagenet", layers=("stage3", "stage5"),
       dtype="float32", pretrain_embed_dim=1536, target_embed_dim=1536, patch_size=3, feature_scale=1.0))
   c.train = ml_collections.ConfigDict(dict(
-      epochs=1, batch_size=8, cache_features=True, feature_cache_device_mb=4096, checkpoint_every=10,
-      log_every=10))
+      epochs=1, batch_size=8, cache_features=True, feature_cache_device_mb=4096, feature_cache_dtype="float32",
+      checkpoint_every=10, log_every=10))
   c.eval = ml_collections.ConfigDict(dict(batch_size=16, smoothing_sigma=4.0, pro_fpr_limit=0.3,
                                           num_overlays=8))
   return c
@@ -111,5 +114,7 @@ def validate(config) -> None:
   if config.data.crop_size > config.data.image_size:
     raise ConfigError(f"data.crop_size ({config.data.crop_size}) must not exceed data.image_size "
                       f"({config.data.image_size}): the crop is taken from the resized image.")
-  if config.model.dtype not in ("float32", "bfloat16"):
-    raise ConfigError(f"model.dtype must be 'float32' or 'bfloat16', not '{config.model.dtype}'.")
+  for key in ("model.dtype", "train.feature_cache_dtype"):
+    section, name = key.split(".")
+    if config[section][name] not in ("float32", "bfloat16"):
+      raise ConfigError(f"{key} must be 'float32' or 'bfloat16', not '{config[section][name]}'.")

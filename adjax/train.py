@@ -9,6 +9,7 @@ import json
 import os
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import orbax.checkpoint as ocp
 from orbax.checkpoint.metadata import ArrayMetadata
@@ -140,7 +141,9 @@ class FeatureSource:
   methods): the frozen backbone runs once per dataset and its features are reused every
   epoch, on the device when they fit in train.feature_cache_device_mb, else on the host.
   cache_features=False recomputes them from the images each epoch, as the reference
-  PyTorch code does; both give the same batches in the same order.
+  PyTorch code does; both give the same batches in the same order. The cache holds
+  train.feature_cache_dtype: float32 (exact), or bfloat16 to fit twice as many features
+  on the device (or in host memory); batches are always float32.
   """
 
   def __init__(self, config, feature_fn, records, subclass_ids):
@@ -150,6 +153,7 @@ class FeatureSource:
     self.features = None
     if config.train.cache_features:
       features = compute_features(config, feature_fn, records, "caching features", subclass_ids)
+      features = jax.tree.map(lambda a: a.astype(cache_dtype(config)), features)
       megabytes = sum(a.nbytes for a in jax.tree.leaves(features)) / 2 ** 20
       shapes = [a.shape for a in jax.tree.leaves(features)]
       if megabytes <= config.train.feature_cache_device_mb:
@@ -162,7 +166,7 @@ class FeatureSource:
   def all_features(self):
     """Every record's features in record order (from the cache, or computed now)."""
     if self.features is not None:
-      return jax.tree.map(np.asarray, self.features)
+      return jax.tree.map(lambda a: np.asarray(a).astype(np.float32), self.features)
     batches = [jax.tree.map(np.asarray, b["features"]) for b in self.epoch(np.arange(len(self.records)), 8)]
     return jax.tree.map(lambda *parts: np.concatenate(parts), *batches)
 
@@ -170,7 +174,7 @@ class FeatureSource:
     """A one-record features batch for init, which reads only its shape (from the cache: zeros of
     that shape, no device program compiled for it)."""
     if self.features is not None:
-      return jax.tree.map(lambda a: np.zeros((1,) + a.shape[1:], a.dtype), self.features)
+      return jax.tree.map(lambda a: np.zeros((1,) + a.shape[1:], np.float32), self.features)  # batches' dtype
     return next(self.epoch(np.arange(1), 1))["features"]
 
   def epoch(self, order, batch_size):
@@ -191,8 +195,13 @@ class FeatureSource:
       yield {"features": self.feature_fn(batch["image"]), "subclass": self.subclass[idx]}
 
 
+def cache_dtype(config):
+  return jnp.bfloat16 if config.train.feature_cache_dtype == "bfloat16" else np.float32
+
+
 def _take_rows_host(tree, idx):
-  return jax.tree.map(lambda a: a[idx], tree)
+  """Rows idx of every cached array, as float32 (the cache may hold bfloat16)."""
+  return jax.tree.map(lambda a: a[idx].astype(np.float32), tree)
 
 
 # One compiled gather per batch instead of eager indexing's several dispatches (measured on an
@@ -287,7 +296,7 @@ def precompile_training(config, feature_fn, n, init_fn, init_key, step_fn, train
       mesh = parallel.data_mesh()
       state = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=parallel.replicated(mesh)),
                            jax.eval_shape(init_fn, sample, init_key))
-      cached = jax.tree.map(lambda a: jax.ShapeDtypeStruct((n,) + a.shape[1:], a.dtype), per_batch)
+      cached = jax.tree.map(lambda a: jax.ShapeDtypeStruct((n,) + a.shape[1:], cache_dtype(config)), per_batch)
       for size in training_batch_sizes(n, b):
         if config.train.cache_features:
           _take_rows.lower(cached, np.zeros(size, np.int64)).compile()

@@ -261,3 +261,34 @@ def test_training_compiles_ahead_one_step_program_per_batch_size(synthetic_root,
   monkeypatch.setattr(train, "precompile_training", lambda *a: None)
   plain = train.fit_category(config, simplenet, feature_fn, split, jax.random.key(0), str(tmp_path / "plain"))
   assert_same_training(_named(ahead), _named(plain))
+
+
+def test_bfloat16_feature_cache_yields_rounded_float32_batches(synthetic_root):
+  # train.feature_cache_dtype='bfloat16' halves the cache, on the device or (over
+  # train.feature_cache_device_mb) on the host; batches stay float32, equal to the float32
+  # features rounded to bfloat16. An unknown dtype is refused by name.
+  import jax.numpy as jnp
+  from adjax import configlib
+  from adjax.backbones.patch_features import make_feature_fn
+  from adjax.data import datasets
+  from adjax.errors import ConfigError
+  config = tiny_config(simplenet_config)
+  config.data.image_size = config.data.crop_size = 64
+  records = datasets.read_split("synthetic", synthetic_root, "metal").train[:5]
+  feature_fn = make_feature_fn(config.model)
+  exact = train.FeatureSource(config, feature_fn, records, ["brushed_steel"]).all_features()
+  order = np.array([4, 1, 3])
+  expected = exact[order].astype(jnp.bfloat16).astype(np.float32)
+  config.train.feature_cache_dtype = "bfloat16"
+  for device_mb, on_device in ((4096, True), (0, False)):
+    config.train.feature_cache_device_mb = device_mb
+    source = train.FeatureSource(config, feature_fn, records, ["brushed_steel"])
+    assert isinstance(source.features, jax.Array) == on_device and source.features.dtype == jnp.bfloat16
+    batch = next(source.epoch(order, 3))["features"]
+    assert batch.dtype == np.float32
+    np.testing.assert_array_equal(np.asarray(batch), expected)
+    assert source.all_features().dtype == np.float32
+  assert not np.array_equal(expected, exact[order])  # the rounding is real
+  config.train.feature_cache_dtype = "float16"
+  with pytest.raises(ConfigError, match="train.feature_cache_dtype"):
+    configlib.validate(config)
