@@ -154,7 +154,7 @@ class FeatureSource:
     if config.train.cache_features:
       features = compute_features(config, feature_fn, records, "caching features", subclass_ids)
       features = jax.tree.map(lambda a: a.astype(cache_dtype(config)), features)
-      megabytes = sum(a.nbytes for a in jax.tree.leaves(features)) / 2 ** 20
+      megabytes = _nbytes(features) / 2 ** 20
       shapes = [a.shape for a in jax.tree.leaves(features)]
       if megabytes <= config.train.feature_cache_device_mb:
         self.features = jax.device_put(features)
@@ -193,6 +193,10 @@ class FeatureSource:
     for start, batch in zip(range(0, len(order), batch_size), dataset):
       idx = order[start:start + batch_size]
       yield {"features": self.feature_fn(batch["image"]), "subclass": self.subclass[idx]}
+
+
+def _nbytes(tree) -> int:
+  return sum(int(np.prod(a.shape)) * np.dtype(a.dtype).itemsize for a in jax.tree.leaves(tree))
 
 
 def cache_dtype(config):
@@ -281,10 +285,9 @@ def precompile_training(config, feature_fn, n, init_fn, init_key, step_fn, train
   """Compiles init, the row gathers and the training step for every batch size of an epoch
   from shapes alone, in a background thread, so that compilation overlaps the feature pass
   instead of following it. Wait for the result (True when everything compiled) before
-  training. Compiled ahead with the same
-  jitted functions, shapes and shardings as the calls that follow, the programs are taken
-  from JAX's in-memory cache by those calls; anything that fails here is simply compiled (and
-  its error raised) by the call itself."""
+  training. Compiled with the same jitted functions, shapes and shardings as the calls that
+  follow, the programs are found in JAX's in-memory cache by those calls; anything that
+  fails here is simply compiled (and its error raised) by the call itself."""
 
   def compile_all():
     try:
@@ -298,8 +301,8 @@ def precompile_training(config, feature_fn, n, init_fn, init_key, step_fn, train
                            jax.eval_shape(init_fn, sample, init_key))
       cached = jax.tree.map(lambda a: jax.ShapeDtypeStruct((n,) + a.shape[1:], cache_dtype(config)), per_batch)
       for size in training_batch_sizes(n, b):
-        if config.train.cache_features:
-          _take_rows.lower(cached, np.zeros(size, np.int64)).compile()
+        if config.train.cache_features and _nbytes(cached) <= config.train.feature_cache_device_mb * 2 ** 20:
+          _take_rows.lower(cached, np.zeros(size, np.int64)).compile()  # the on-device cache's gather
         sharding = parallel.batch_sharding(mesh, size)
         batch = {"features": jax.tree.map(lambda a: jax.ShapeDtypeStruct((size,) + a.shape[1:], a.dtype,
                                                                           sharding=sharding), per_batch),
