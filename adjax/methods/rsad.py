@@ -41,7 +41,7 @@ pseudo-code's reading; 'image' follows the text. We chose 'locations' on trainin
 noised features as fast as SimpleNet's (P(D_true > D_fake) 0.724 after 2,500 steps, SimpleNet
 0.720), with 'image' far more slowly (0.599): its gradient reaches one location per image.
 With both readings the full 160-epoch bottle run reaches image AUROC 100.0 / pixel AUROC 95.6
-(Lite0, one seed; benchmarks/README.md).
+(Lite0, two seeds; benchmarks/README.md).
 """
 
 import flax.linen as nn
