@@ -156,7 +156,7 @@ class FeatureSource:
       features = jax.tree.map(lambda a: a.astype(cache_dtype(config)), features)
       megabytes = _nbytes(features) / 2 ** 20
       shapes = [a.shape for a in jax.tree.leaves(features)]
-      if megabytes <= config.train.feature_cache_device_mb:
+      if cache_on_device(config, features):
         self.features = jax.device_put(features)
         logging.info("Feature cache: %s, %.0f MB on device", shapes, megabytes)
       else:
@@ -174,7 +174,7 @@ class FeatureSource:
     """A one-record features batch for init, which reads only its shape (from the cache: zeros of
     that shape, no device program compiled for it)."""
     if self.features is not None:
-      return jax.tree.map(lambda a: np.zeros((1,) + a.shape[1:], np.float32), self.features)  # batches' dtype
+      return init_sample(self.features)
     return next(self.epoch(np.arange(1), 1))["features"]
 
   def epoch(self, order, batch_size):
@@ -197,6 +197,17 @@ class FeatureSource:
 
 def _nbytes(tree) -> int:
   return sum(int(np.prod(a.shape)) * np.dtype(a.dtype).itemsize for a in jax.tree.leaves(tree))
+
+
+def init_sample(features):
+  """Zeros shaped like one record of `features` (arrays or shape structs), in the batches' float32:
+  the sample init is compiled for ahead and called with, so both must build it here."""
+  return jax.tree.map(lambda a: np.zeros((1,) + a.shape[1:], np.float32), features)
+
+
+def cache_on_device(config, features) -> bool:
+  """Whether the feature cache (arrays or shape structs) fits train.feature_cache_device_mb."""
+  return _nbytes(features) <= config.train.feature_cache_device_mb * 2 ** 20
 
 
 def cache_dtype(config):
@@ -294,14 +305,14 @@ def precompile_training(config, feature_fn, n, init_fn, init_key, step_fn, train
       b = config.train.batch_size
       images = jax.ShapeDtypeStruct((b, config.data.crop_size, config.data.crop_size, 3), np.float32)
       per_batch = jax.eval_shape(feature_fn.fn, feature_fn.variables, images)
-      sample = jax.tree.map(lambda a: np.zeros((1,) + a.shape[1:], a.dtype), per_batch)
+      sample = init_sample(per_batch)
       init_fn.lower(sample, init_key).compile()
       mesh = parallel.data_mesh()
       state = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=parallel.replicated(mesh)),
                            jax.eval_shape(init_fn, sample, init_key))
       cached = jax.tree.map(lambda a: jax.ShapeDtypeStruct((n,) + a.shape[1:], cache_dtype(config)), per_batch)
       for size in training_batch_sizes(n, b):
-        if config.train.cache_features and _nbytes(cached) <= config.train.feature_cache_device_mb * 2 ** 20:
+        if config.train.cache_features and cache_on_device(config, cached):
           _take_rows.lower(cached, np.zeros(size, np.int64)).compile()  # the on-device cache's gather
         sharding = parallel.batch_sharding(mesh, size)
         batch = {"features": jax.tree.map(lambda a: jax.ShapeDtypeStruct((size,) + a.shape[1:], a.dtype,
