@@ -28,10 +28,13 @@ class Discriminator(nn.Module):
   hidden: Sequence[int] = (1024,)
 
   @nn.compact
-  def __call__(self, x, train: bool):
+  def __call__(self, x, train: bool, first_layer_done: bool = False):
+    """first_layer_done: x is already fc0's output (a caller that computed it more cheaply,
+    see simplenet.first_layer_outputs); the module goes on from fc0's BatchNorm."""
     for i, width in enumerate(self.hidden):
-      x = nn.Dense(width, kernel_init=nn.initializers.xavier_normal(), bias_init=torch_bias_init(x.shape[-1]),
-                   name=f"fc{i}")(x)
+      if not (i == 0 and first_layer_done):
+        x = nn.Dense(width, kernel_init=nn.initializers.xavier_normal(), bias_init=torch_bias_init(x.shape[-1]),
+                     name=f"fc{i}")(x)
       # torch BatchNorm1d: momentum 0.1 (flax 0.9), eps 1e-5, batch statistics while training.
       x = nn.BatchNorm(use_running_average=not train, momentum=0.9, epsilon=1e-5, name=f"bn{i}")(x)
       x = nn.leaky_relu(x, 0.2)
