@@ -236,3 +236,15 @@ def test_pipeline_worker_processes_give_the_same_batches(synthetic_root):
   for a, b in zip(inline, workers):
     for key in a:
       np.testing.assert_array_equal(a[key], b[key])
+
+
+@pytest.mark.parametrize("drop_remainder", [False, True])
+def test_pipeline_threads_keep_record_order_and_batch_sizes(synthetic_root, monkeypatch, drop_remainder):
+  # Images decode on several threads one by one and are batched after: order must survive.
+  monkeypatch.setattr(pipeline, "decode_threads", lambda: 5)
+  records = datasets.read_split("synthetic", synthetic_root, "cloth").train[:11]
+  batches = list(pipeline.make_dataset(records, image_size=32, crop_size=32, mean=MEAN, std=STD, batch_size=4,
+                                       drop_remainder=drop_remainder))
+  assert [len(b["index"]) for b in batches] == ([4, 4] if drop_remainder else [4, 4, 3])
+  np.testing.assert_array_equal(np.concatenate([b["index"] for b in batches]), np.arange(8 if drop_remainder else 11))
+  assert batches[0]["image"].shape == (4, 32, 32, 3)
