@@ -46,6 +46,19 @@ def anomaly_maps(patch_maps: jax.Array, size: int, sigma: float) -> jax.Array:
   return gaussian_smooth(up, sigma)
 
 
+def make_scorer(config, method, feature_fn):
+  """The jitted scoring program: (state, backbone variables, images (B, S, S, 3)) ->
+  (image scores (B,), anomaly maps (B, S, S)). The backbone's variables are an argument:
+  closed over, they would be embedded in the program as constants (WideResNet50: a 92 MB
+  compilation-cache entry per program, 2.7 s to compile instead of 1.3 s on the 2-core CPU,
+  the same run time)."""
+  @jax.jit
+  def score_batch(state, variables, images):
+    image_scores, patch_maps = method.score(config, state, feature_fn.fn(variables, images))
+    return image_scores, anomaly_maps(patch_maps, images.shape[1], config.eval.smoothing_sigma)
+  return score_batch
+
+
 def score_dataset(config, method, state, feature_fn, records, desc):
   """Runs the pipeline over `records`: image scores, maps, masks, labels, in record order."""
   spec_mean, spec_std = feature_fn.spec.mean, feature_fn.spec.std
@@ -53,17 +66,12 @@ def score_dataset(config, method, state, feature_fn, records, desc):
       records, image_size=config.data.image_size, crop_size=config.data.crop_size, mean=spec_mean,
       std=spec_std, batch_size=config.eval.batch_size, worker_count=config.data.workers,
       shard_index=0, shard_count=1)
-
-  @jax.jit
-  def score_batch(state, images):
-    image_scores, patch_maps = method.score(config, state, feature_fn(images))
-    return image_scores, anomaly_maps(patch_maps, images.shape[1], config.eval.smoothing_sigma)
-
+  score_batch = make_scorer(config, method, feature_fn)
   scores, maps, masks, labels, images = [], [], [], [], []
   with progress.bar(len(records), desc) as bar:
     for batch in dataset:
       count = len(batch["label"])
-      s, m = score_batch(state, pipeline.pad_batch(batch["image"], config.eval.batch_size))
+      s, m = score_batch(state, feature_fn.variables, pipeline.pad_batch(batch["image"], config.eval.batch_size))
       scores.append(np.asarray(s[:count]))
       maps.append(np.asarray(m[:count]))
       masks.append(batch["mask"])

@@ -61,11 +61,12 @@ def main():
   state = pfm.init(config, sample, jax.random.key(0))
 
   @jax.jit
-  def adjax_infer(images):
-    return pfm.score(config, state, feature_fn(images))
+  def adjax_infer(state, variables, images):  # weights as arguments, as evaluate.make_scorer passes them
+    return pfm.score(config, state, feature_fn.fn(variables, images))
 
   xj = jax.device_put(x)
-  adjax_s = measure(lambda: adjax_infer(xj), repeats=args.repeats, sync=jax.block_until_ready)
+  adjax_s = measure(lambda: adjax_infer(state, feature_fn.variables, xj), repeats=args.repeats,
+                    sync=jax.block_until_ready)
 
   src_name, tgt_name = config.model.source_backbone, config.model.backbone
   source = getattr(torchvision.models, src_name)(weights=None).eval()

@@ -198,16 +198,14 @@ def main():
         f"adjax {adjax_total / 60:.2f} min, torch {torch_total / 60:.1f} min, ratio {torch_total / adjax_total:.2f}x")
 
   # Inference: one batch, features -> scores -> upsampled + smoothed maps.
-  @jax.jit
-  def adjax_infer(state, x):
-    image_scores, patch_maps = simplenet.score(config, state, feature_fn(x))
-    return image_scores, evaluate.anomaly_maps(patch_maps, args.crop, 4.0)
+  # The program `--mode=eval` runs (evaluate.make_scorer); SimpleNet's maps: bilinear + sigma 4.
+  adjax_infer = evaluate.make_scorer(config, simplenet, feature_fn)
   xb = jax.device_put(images[: args.batch])
-  jax.block_until_ready(adjax_infer(state, xb))
+  jax.block_until_ready(adjax_infer(state, feature_fn.variables, xb))
   repeats = 20 if device == "cuda" else 3
   start = time.perf_counter()
   for _ in range(repeats):
-    jax.block_until_ready(adjax_infer(state, xb))
+    jax.block_until_ready(adjax_infer(state, feature_fn.variables, xb))
   adjax_inf = (time.perf_counter() - start) / repeats
   torch_infer(model, timages[: args.batch], args.crop)
   sync()
