@@ -46,14 +46,23 @@ def cache_dir(*parts: str) -> str:
 # file read, cheaper than any compilation.
 MIN_CACHED_COMPILE_SECONDS = 0.05
 
+# Without a limit the cache only grows (every new image size, batch size or backbone adds
+# programs). Beyond this size JAX deletes the least recently used entries (its eviction needs
+# the filelock package, one of our dependencies). JAX_COMPILATION_CACHE_MAX_SIZE (bytes, -1: no
+# limit) overrides it.
+DEFAULT_CACHE_MAX_BYTES = 2 * 2 ** 30
+
 
 def enable_compilation_cache() -> None:
   """Compiled programs persist across runs in <adjax cache>/xla (JAX_COMPILATION_CACHE_DIR,
   when set, is used instead; ADJAX_COMPILATION_CACHE=0 turns the cache off), so a rerun, a
-  resume or an eval after training skips most compilation."""
+  resume or an eval after training skips most compilation. It keeps at most
+  DEFAULT_CACHE_MAX_BYTES unless JAX_COMPILATION_CACHE_MAX_SIZE says otherwise."""
   import jax
   if os.environ.get("ADJAX_COMPILATION_CACHE", "1") == "0":
     return
   if not jax.config.jax_compilation_cache_dir:
     jax.config.update("jax_compilation_cache_dir", cache_dir("xla"))
+  if "JAX_COMPILATION_CACHE_MAX_SIZE" not in os.environ:
+    jax.config.update("jax_compilation_cache_max_size", DEFAULT_CACHE_MAX_BYTES)
   jax.config.update("jax_persistent_cache_min_compile_time_secs", MIN_CACHED_COMPILE_SECONDS)

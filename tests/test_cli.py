@@ -166,3 +166,22 @@ def test_two_process_run_reports_once_and_evaluates_on_one_device(tmp_path):
     assert evaluated[key] == pytest.approx(trained[key], abs=1e-4), key
   _assert_clean_failure(run_cli(*args, env={"JAX_COORDINATOR_ADDRESS": f"localhost:{port}"}),
                         "JAX_NUM_PROCESSES", "JAX_PROCESS_ID")
+
+
+@pytest.mark.parametrize("limit", [None, "123456789"])
+def test_compilation_cache_is_bounded_and_stores_programs(tmp_path, limit):
+  # adjax.main's cache keeps at most io_utils.DEFAULT_CACHE_MAX_BYTES unless the user set
+  # JAX's own variable; with a limit JAX needs filelock, which must be installed.
+  env = {**os.environ, "JAX_COMPILATION_CACHE_DIR": str(tmp_path / "xla")}
+  env.pop("JAX_COMPILATION_CACHE_MAX_SIZE", None)
+  if limit:
+    env["JAX_COMPILATION_CACHE_MAX_SIZE"] = limit
+  code = ("import jax, jax.numpy as jnp\nfrom adjax import io_utils\nio_utils.enable_compilation_cache()\n"
+          "def f(x):\n  for i in range(300):\n    x = jnp.sin(x) @ x.T + i\n  return x\n"  # compiles in > 0.05 s
+          "jax.block_until_ready(jax.jit(f)(jnp.ones((64, 64))))\n"
+          "print(jax.config.jax_compilation_cache_max_size)")
+  done = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300)
+  assert done.returncode == 0, done.stderr[-2000:]
+  from adjax import io_utils
+  assert int(done.stdout.split()[-1]) == (int(limit) if limit else io_utils.DEFAULT_CACHE_MAX_BYTES)
+  assert any(name.startswith("jit_") for name in os.listdir(tmp_path / "xla")), os.listdir(tmp_path / "xla")
