@@ -69,8 +69,8 @@ def first_layer_outputs(config, params, x, noise):
   (x @ P + b, the official default) the two maps fold into one: fc0(G(x)) = x @ (P @ W1) + (b @ W1 + c1).
   Equal to the plain composition in exact arithmetic (tested to float tolerance). With
   C = 1536 and a 1024-wide fc0 the step's matrix work per patch drops from 2C^2 + 6*C*1024
-  to 4*C*1024 multiply-adds (forward and backward), 1.9x; measured 1.24 -> 0.72 s per step
-  on 2 CPU cores (batch 8 at 224x224, 6272 patches), same loss."""
+  to 4*C*1024 multiply-adds (forward and backward), 1.9x; measured per step on 2 CPU cores,
+  batch 8: 1.25 -> 0.73 s at 224x224, 2.05 -> 1.15 s at 288x288 (benchmarks/README.md)."""
   w1, c1 = params["discriminator"]["fc0"]["kernel"], params["discriminator"]["fc0"]["bias"]
   if config.model.adaptor_layers == 1:
     p, b = params["adaptor"]["fc0"]["kernel"], params["adaptor"]["fc0"]["bias"]
