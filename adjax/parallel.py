@@ -66,6 +66,11 @@ def batch_sharding(mesh: Mesh, batch_size: int) -> NamedSharding:
 
 
 def put_batch(batch: dict, mesh: Mesh) -> dict:
-  """Every array in the batch (a pytree) sharded along its leading batch axis."""
-  size = len(jax.tree.leaves(batch)[0])
-  return jax.device_put(batch, batch_sharding(mesh, size))
+  """Every array in the batch (a pytree) sharded along its leading batch axis. A batch laid out
+  so already (train.gather_batch's) is returned as it is: device_put would cost ~0.2 ms of host
+  time per step even with nothing to move."""
+  leaves = jax.tree.leaves(batch)
+  sharding = batch_sharding(mesh, len(leaves[0]))
+  if all(isinstance(a, jax.Array) and a.sharding == sharding for a in leaves):
+    return batch
+  return jax.device_put(batch, sharding)

@@ -273,6 +273,9 @@ def test_training_compiles_ahead_one_step_program_per_batch_size(synthetic_root,
   assert len(futures) == 1 and futures[0].result() is True
   step_compiles = [r.threadName for r in caplog.records if "Compiling jit(adjax_train_step)" in r.getMessage()]
   assert len(step_compiles) == 2 and all(t.startswith("adjax-precompile") for t in step_compiles), step_compiles
+  late_gathers = [r.threadName for r in caplog.records if "Compiling jit(adjax_gather_batch)" in r.getMessage()
+                  and not r.threadName.startswith("adjax-precompile")]
+  assert not late_gathers, late_gathers
   monkeypatch.setattr(train, "precompile_training", lambda *a: None)
   plain = train.fit_category(config, simplenet, feature_fn, split, jax.random.key(0), str(tmp_path / "plain"))
   assert_same_training(_named(ahead), _named(plain))
