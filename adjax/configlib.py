@@ -7,7 +7,7 @@ Keys (override any with --config.<key>=<value>):
   data.category             one category, a comma list, or 'all'
   data.image_size           resize of the shorter side (torchvision Resize)
   data.crop_size            center crop (torchvision CenterCrop)
-  data.workers              grain worker processes (0: decode in the main process)
+  data.workers              grain worker processes (0: decode in the main process, one thread per core)
   model.name                the method module in adjax/methods
   model.backbone            resnet18|resnet34|resnet50|wide_resnet50_2|vgg16|vgg19|efficientnet_lite0..2
   model.backbone_weights    'imagenet', 'random', or a path to a .pth file
@@ -16,10 +16,13 @@ Keys (override any with --config.<key>=<value>):
   model.feature_scale       constant factor on the patch features (see lite0_demo)
   train.epochs, train.batch_size
   train.cache_features      compute frozen features once and reuse them every epoch (same result)
-  train.feature_cache_device_mb  cache on the accelerator up to this size, else on the host
+  train.feature_cache_device_mb  cache on the accelerator (a copy on each) up to this size, else on the host
   train.feature_cache_dtype float32 (exact) | bfloat16 (half the memory; features rounded, so
                             results differ slightly from recomputing them)
   train.checkpoint_every    epochs between checkpoints; an interrupted run resumes from the last
+  train.checkpoint_min_seconds  and at least this long between them (the last epoch is always saved):
+                            a short run on a fast accelerator would otherwise spend a
+                            noticeable share of its time saving
   eval.batch_size, eval.smoothing_sigma (Gaussian on the upsampled map), eval.num_overlays
 """
 
@@ -36,7 +39,7 @@ def base() -> ml_collections.ConfigDict:
       dtype="float32", pretrain_embed_dim=1536, target_embed_dim=1536, patch_size=3, feature_scale=1.0))
   c.train = ml_collections.ConfigDict(dict(
       epochs=1, batch_size=8, cache_features=True, feature_cache_device_mb=4096, feature_cache_dtype="float32",
-      checkpoint_every=10, log_every=10))
+      checkpoint_every=10, checkpoint_min_seconds=30.0, log_every=10))
   c.eval = ml_collections.ConfigDict(dict(batch_size=16, smoothing_sigma=4.0, pro_fpr_limit=0.3,
                                           num_overlays=8))
   return c
@@ -107,10 +110,12 @@ def validate(config) -> None:
     if source_strides != strides:
       raise ConfigError(f"model.source_layers {tuple(config.model.source_layers)} of {source.name} must be taps at "
                         f"the strides of model.layers ({strides}), one per hierarchy; got {source_strides}.")
-  for key in ("data.image_size", "data.crop_size", "train.batch_size", "eval.batch_size"):
+  for key in ("data.image_size", "data.crop_size", "train.batch_size", "eval.batch_size", "train.checkpoint_every"):
     section, name = key.split(".")
     if config[section][name] <= 0:
       raise ConfigError(f"{key} must be positive, not {config[section][name]}.")
+  if config.train.checkpoint_min_seconds < 0:
+    raise ConfigError(f"train.checkpoint_min_seconds must be 0 or more, not {config.train.checkpoint_min_seconds}.")
   if config.data.crop_size > config.data.image_size:
     raise ConfigError(f"data.crop_size ({config.data.crop_size}) must not exceed data.image_size "
                       f"({config.data.image_size}): the crop is taken from the resized image.")

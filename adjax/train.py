@@ -8,6 +8,7 @@ import concurrent.futures
 import functools
 import json
 import os
+import time
 
 import jax
 import jax.numpy as jnp
@@ -275,6 +276,7 @@ def train_gradient(config, method, source: FeatureSource, state, key, workdir: s
       logging.info("Resuming %s from the checkpoint after epoch %d", category, start_epoch)
     state = jax.device_put(state, parallel.replicated(mesh))
     step = step or make_train_step(config, method)
+    last_save = time.monotonic()
     with progress.bar((config.train.epochs - start_epoch) * steps_per_epoch, f"training {category}", "step") as bar:
       for epoch in range(start_epoch, config.train.epochs):
         step_metrics = []
@@ -287,8 +289,11 @@ def train_gradient(config, method, source: FeatureSource, state, key, workdir: s
         means = {k: float(np.mean([m[k] for m in step_metrics])) for k in step_metrics[0]}
         bar.set_postfix({k: f"{v:.4f}" for k, v in means.items()})
         last = epoch == config.train.epochs - 1
-        if last or (epoch + 1) % config.train.checkpoint_every == 0:
+        due = ((epoch + 1) % config.train.checkpoint_every == 0
+               and time.monotonic() - last_save >= config.train.checkpoint_min_seconds)
+        if last or due:
           manager.save(epoch, args=ocp.args.StandardSave({"state": state, "epoch": epoch}))
+          last_save = time.monotonic()
         if (epoch + 1) % config.train.log_every == 0 or last:
           logging.info("%s epoch %d/%d: %s", category, epoch + 1, config.train.epochs,
                        ", ".join(f"{k} {v:.4f}" for k, v in means.items()))

@@ -124,7 +124,7 @@ def test_gradient_method_trains_resumes_and_evaluates(config, tmp_path_factory, 
   data = synthetic_root
   workdir = tmp_path_factory.mktemp("run")
   args = [f"--config={config}", f"--config.data.root={data}", *SMALL, "--config.train.epochs=2",
-          "--config.train.checkpoint_every=1", f"--workdir={workdir}"]
+          "--config.train.checkpoint_every=1", "--config.train.checkpoint_min_seconds=0", f"--workdir={workdir}"]
   result = run_cli(*args)
   assert result.returncode == 0, result.stderr[-3000:]
   assert sorted(os.listdir(workdir / "checkpoints" / "wood")) == ["0", "1"]

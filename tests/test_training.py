@@ -40,6 +40,7 @@ class ArraySource:
 def tiny_config(module, variant=""):
   c = module.get_config(variant)
   c.train.epochs, c.train.batch_size, c.train.checkpoint_every, c.train.log_every = 4, 4, 1, 100
+  c.train.checkpoint_min_seconds = 0.0  # every epoch: the resume tests interrupt between them
   if hasattr(c.model, "dsc_hidden"):
     c.model.dsc_hidden = tuple(32 for _ in c.model.dsc_hidden)
   return c
@@ -90,6 +91,24 @@ def assert_same_training(a: dict, b: dict):
 def _named(state):
   from flax import traverse_util
   return traverse_util.flatten_dict(jax.device_get(state["params"]), sep="/")
+
+
+def test_checkpoints_keep_a_minimum_interval_and_the_last_epoch_is_always_saved(tmp_path):
+  from adjax import configlib
+  from adjax.errors import ConfigError
+  config = tiny_config(simplenet_config)  # checkpoint_every 1, 4 epochs
+  f = features()
+  config.train.checkpoint_min_seconds = 3600.0
+  _train(config, simplenet, ArraySource(f), tmp_path / "spaced")
+  assert sorted(os.listdir(tmp_path / "spaced" / "checkpoints" / "cat")) == ["3"]
+  config.train.checkpoint_min_seconds = 0.0
+  _train(config, simplenet, ArraySource(f), tmp_path / "every")
+  assert sorted(os.listdir(tmp_path / "every" / "checkpoints" / "cat")) == ["2", "3"]  # max_to_keep 2
+  for key, value in (("checkpoint_min_seconds", -1.0), ("checkpoint_every", 0)):
+    bad = tiny_config(simplenet_config)
+    bad.train[key] = value
+    with pytest.raises(ConfigError, match=f"train.{key}"):
+      configlib.validate(bad)
 
 
 def test_interrupted_run_resumes_to_the_same_parameters(tmp_path):
