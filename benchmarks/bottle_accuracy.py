@@ -6,7 +6,7 @@ r"""Accuracy on the real MVTec AD bottle category with offline EfficientNet-Lite
 Trains and evaluates each config on bottle (209 train, 83 test images) with `adjax.main`,
 then prints image AUROC, pixel AUROC, AUPRO and the wall time. Every model is evaluated
 after its last epoch; nothing is selected on the test set. Too slow for CI on 2 CPU cores
-(SimpleNet's 160 epochs at 329 -> 288 took 59 minutes there); the figures measured so far are in
+(SimpleNet's 160 epochs at 329 -> 288 took 45-60 minutes there); the figures measured so far are in
 benchmarks/README.md.
 """
 
