@@ -59,14 +59,15 @@ def make_scorer(config, method, feature_fn):
   return score_batch
 
 
-def score_dataset(config, method, state, feature_fn, records, desc):
-  """Runs the pipeline over `records`: image scores, maps, masks, labels, in record order."""
+def score_dataset(config, method, state, feature_fn, records, desc, scorer=None):
+  """Runs the pipeline over `records`: image scores, maps, masks, labels, in record order.
+  `scorer`: make_scorer's program, shared across calls (categories) so it compiles once."""
   spec_mean, spec_std = feature_fn.spec.mean, feature_fn.spec.std
   dataset = pipeline.make_dataset(
       records, image_size=config.data.image_size, crop_size=config.data.crop_size, mean=spec_mean,
       std=spec_std, batch_size=config.eval.batch_size, worker_count=config.data.workers,
       shard_index=0, shard_count=1)
-  score_batch = make_scorer(config, method, feature_fn)
+  score_batch = scorer or make_scorer(config, method, feature_fn)
   scores, maps, masks, labels, images = [], [], [], [], []
   with progress.bar(len(records), desc) as bar:
     for batch in dataset:

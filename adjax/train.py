@@ -407,6 +407,7 @@ def run(config, workdir: str, mode: str) -> dict:
     check_run_config(workdir, config)
   feature_fn = make_feature_fn(config.model)
   key = jax.random.key(config.seed)
+  scorer = evaluate.make_scorer(config, method, feature_fn)  # one program for every category of the same shapes
   per_category = {}
   for split in splits:
     key, sub = jax.random.split(key)  # split in eval mode too, so keys never depend on the mode
@@ -414,7 +415,8 @@ def run(config, workdir: str, mode: str) -> dict:
       state = fit_category(config, method, feature_fn, split, sub, workdir)
     else:
       state = restore_state(workdir, split.category)["state"]
-    scored = evaluate.score_dataset(config, method, state, feature_fn, split.test, f"scoring {split.category}")
+    scored = evaluate.score_dataset(config, method, state, feature_fn, split.test, f"scoring {split.category}",
+                                    scorer)
     per_category[split.category] = evaluate.category_metrics(split, scored, config)
     if parallel.is_main_process():
       evaluate.write_overlays(os.path.join(workdir, "overlays", split.category), split, scored, feature_fn.spec,

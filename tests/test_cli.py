@@ -185,3 +185,14 @@ def test_compilation_cache_is_bounded_and_stores_programs(tmp_path, limit):
   from adjax import io_utils
   assert int(done.stdout.split()[-1]) == (int(limit) if limit else io_utils.DEFAULT_CACHE_MAX_BYTES)
   assert any(name.startswith("jit_") for name in os.listdir(tmp_path / "xla")), os.listdir(tmp_path / "xla")
+
+
+def test_scoring_program_compiles_once_for_all_categories(tmp_path, synthetic_root):
+  # SimpleNet's state has the same shapes in every category, so one scoring program serves all
+  # (compiling one per category cost the 3-category demo's eval 18.0 s instead of 14.0 s).
+  args = ["--config=configs/simplenet.py", f"--config.data.root={synthetic_root}", *SMALL,
+          "--config.data.category=wood,metal", "--config.train.epochs=1", f"--workdir={tmp_path}"]
+  result = run_cli(*args, env={"JAX_LOG_COMPILES": "1", "ADJAX_COMPILATION_CACHE": "0"})
+  assert result.returncode == 0, result.stderr[-3000:]
+  assert set(json.load(open(tmp_path / "metrics.json"))["metrics"]) >= {"wood", "metal"}
+  assert result.stderr.count("Compiling jit(score_batch)") == 1, result.stderr.count("Compiling jit(score_batch)")
