@@ -226,7 +226,8 @@ def cache_dtype(config):
 
 
 def _take_rows_host(tree, idx):
-  """Rows idx of every cached array, as float32 (the cache may hold bfloat16)."""
+  """Rows idx of every cached array, as float32 (the cache may hold bfloat16); numpy on the host,
+  traced inside gather_batch's compiled gather."""
   return jax.tree.map(lambda a: a[idx].astype(np.float32), tree)
 
 
@@ -239,7 +240,7 @@ def gather_batch(mesh, size: int):
   the 2-core CPU; the order and subclass ids go to the device once per epoch, `start` is a scalar."""
   def adjax_gather_batch(cache, subclass, order, start):  # the name shows in JAX's compilation logs
     idx = jax.lax.dynamic_slice_in_dim(order, start, size)
-    return {"features": jax.tree.map(lambda a: a[idx].astype(jnp.float32), cache), "subclass": subclass[idx]}
+    return {"features": _take_rows_host(cache, idx), "subclass": subclass[idx]}
   return jax.jit(adjax_gather_batch, out_shardings=parallel.batch_sharding(mesh, size))
 
 
