@@ -5,11 +5,10 @@ import os
 __version__ = "0.1.0"
 
 # XLA:CPU compiles convolutions through YNNPACK by default in jaxlib 0.10.2, and that path is
-# slower than its older Eigen one on our 2-core machine: WideResNet50 layer2+3 at batch 8
-# went 8.0 -> 8.9 img/s without it, single 3x3 convolutions 0.71-0.89x -> 0.97-1.17x of torch's
-# (benchmarks/README.md). XLA reads XLA_FLAGS when its first backend starts, so this must run
-# before any computation; a user's own setting of the flag wins. The flag is experimental and
-# XLA aborts on flags it does not know, so it is set only for the jaxlib versions measured.
+# slower than its older Eigen one on 2-core CPUs (benchmarks/README.md). XLA reads XLA_FLAGS
+# when its first backend starts, so this must run before any computation; a user's own setting
+# of the flag wins. The flag is experimental and XLA aborts on flags it does not know, so it is
+# set only for the jaxlib versions measured.
 _YNN_FLAG = "--xla_cpu_experimental_ynn_fusion_type"
 
 

@@ -8,15 +8,20 @@ Keys (override any with --config.<key>=<value>):
   data.image_size           resize of the shorter side (torchvision Resize)
   data.crop_size            center crop (torchvision CenterCrop)
   data.workers              grain worker processes (0: decode in the main process, one thread per core)
+  data.calibration_fraction share of each category's test images (of each label) held out as the
+                            labelled split of methods that calibrate after training; never scored as test
   model.name                the method module in adjax/methods
   model.backbone            resnet18|resnet34|resnet50|wide_resnet50_2|vgg16|vgg19|efficientnet_lite0..2
   model.backbone_weights    'imagenet', 'random', or a path to a .pth file
   model.layers              backbone feature taps, shallow to deep
   model.dtype               float32 | bfloat16 for the frozen backbone
-  model.feature_scale       constant factor on the patch features (see lite0_demo)
+  model.pretrain_embed_dim, model.target_embed_dim, model.patch_size, model.feature_scale
+                            the patch features of SimpleNet's family (patch_features below)
   train.epochs, train.batch_size
   train.cache_features      compute frozen features once and reuse them every epoch (same result)
   train.feature_cache_device_mb  cache on the accelerator (a copy on each) up to this size, else on the host
+  train.image_cache_device_mb  image-space methods: the uint8 training images on the accelerator up
+                            to this size, else on the host
   train.feature_cache_dtype float32 (exact) | bfloat16 (half the memory; features rounded, so
                             results differ slightly from recomputing them)
   train.checkpoint_every    epochs between checkpoints; an interrupted run resumes from the last
@@ -28,20 +33,75 @@ Keys (override any with --config.<key>=<value>):
 
 import ml_collections
 
+from adjax.errors import ConfigError
+
+
+def parse_arg(arg: str, config_file: str, dataset_choices, old_forms=(), **spec) -> ml_collections.ConfigDict:
+  """The one variant grammar of every config file: '--config=configs/<file>.py:<variant>', with
+  <variant> = '[<dataset>][,<key>=<value>]...', e.g. 'rsad.py:mpdd,aligner=fc'.
+
+  dataset_choices: the allowed first fields ('' included for the built-in dataset); spec: every
+  key with its default, whose type parses the value (bools take true/false/1/0), or with a
+  tuple of its allowed strings (the first the default). old_forms: (predicate, hint) pairs
+  recognising a retired syntax, refused with its new form.
+  """
+  choices = {k: v for k, v in spec.items() if isinstance(v, tuple)}
+  spec = {k: v[0] if isinstance(v, tuple) else v for k, v in spec.items()}
+  for matches, hint in old_forms:
+    if matches(arg):
+      raise ConfigError(f"configs/{config_file}:{arg} uses a retired variant syntax; write it as "
+                        f"configs/{config_file}:{hint(arg)} ('<dataset>,<key>=<value>,...').")
+  fields = [f.strip() for f in arg.split(",")] if arg.strip() else []
+  dataset = fields.pop(0) if fields and "=" not in fields[0] else ""
+  if dataset not in dataset_choices:
+    raise ConfigError(f"Unknown dataset variant '{dataset}' of configs/{config_file}: use one of "
+                      f"{', '.join(repr(d) for d in dataset_choices)}.")
+  values = ml_collections.ConfigDict(dict(spec, dataset=dataset))
+  for field in fields:
+    key, sep, text = field.partition("=")
+    if not sep or key not in spec:
+      raise ConfigError(f"Unknown variant field '{field}' of configs/{config_file}: after the dataset give "
+                        f"key=value pairs with keys {', '.join(spec) or '(none)'}.")
+    default = spec[key]
+    if isinstance(default, bool):
+      if text.lower() not in ("true", "false", "1", "0"):
+        raise ConfigError(f"configs/{config_file}: {key} takes true or false, not '{text}'.")
+      values[key] = text.lower() in ("true", "1")
+    else:
+      try:
+        values[key] = type(default)(text)
+      except ValueError:
+        raise ConfigError(f"configs/{config_file}: {key} takes a {type(default).__name__}, not '{text}'.") from None
+    if key in choices and values[key] not in choices[key]:
+      raise ConfigError(f"configs/{config_file}: {key} must be one of {', '.join(choices[key])}, not '{text}'.")
+  return values
+
 
 def base() -> ml_collections.ConfigDict:
   c = ml_collections.ConfigDict()
   c.seed = 0
   c.data = ml_collections.ConfigDict(dict(
-      name="synthetic", root="", category="cloth,wood,metal", image_size=160, crop_size=160, workers=0))
+      name="synthetic", root="", category="cloth,wood,metal", image_size=160, crop_size=160, workers=0,
+      calibration_fraction=0.0))
+  # The frozen backbone's keys; methods on SimpleNet's patch features add patch_features' keys.
   c.model = ml_collections.ConfigDict(dict(
       name="", backbone="efficientnet_lite0", backbone_weights="imagenet", layers=("stage3", "stage5"),
-      dtype="float32", pretrain_embed_dim=1536, target_embed_dim=1536, patch_size=3, feature_scale=1.0))
+      dtype="float32"))
   c.train = ml_collections.ConfigDict(dict(
       epochs=1, batch_size=8, cache_features=True, feature_cache_device_mb=4096, feature_cache_dtype="float32",
+      image_cache_device_mb=4096,
       checkpoint_every=10, checkpoint_min_seconds=30.0, log_every=10))
   c.eval = ml_collections.ConfigDict(dict(batch_size=16, smoothing_sigma=4.0, pro_fpr_limit=0.3,
                                           num_overlays=8))
+  return c
+
+
+def patch_features(c: ml_collections.ConfigDict, embed_dim: int, feature_scale: float = 1.0):
+  """The patch-feature keys of adjax/backbones/patch_features.py (SimpleNet Sec. 3.1), used by
+  the methods that score those features: embeddings pooled to `embed_dim` per layer and in all."""
+  c.model.pretrain_embed_dim = c.model.target_embed_dim = embed_dim
+  c.model.patch_size = 3          # the 3x3 neighbourhood aggregated per location
+  c.model.feature_scale = feature_scale
   return c
 
 
@@ -61,8 +121,7 @@ def lite0_demo(c: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
   c.data.image_size = c.data.crop_size = 160
   c.model.backbone, c.model.backbone_weights = "efficientnet_lite0", "imagenet"
   c.model.layers = ("stage3", "stage5")
-  c.model.pretrain_embed_dim = c.model.target_embed_dim = 512
-  c.model.feature_scale = 0.05
+  patch_features(c, 512, feature_scale=0.05)
   return c
 
 
@@ -82,19 +141,13 @@ def wrn50_paper(c: ml_collections.ConfigDict, dataset: str) -> ml_collections.Co
   c.data.image_size, c.data.crop_size = 256, 224
   c.model.backbone, c.model.backbone_weights = "wide_resnet50_2", "imagenet"
   c.model.layers = ("layer2", "layer3")
-  c.model.pretrain_embed_dim = c.model.target_embed_dim = 1536
+  patch_features(c, 1536)
   return c
 
 
-def validate(config) -> None:
-  """Checks values the type system cannot, before any data is read or weights loaded."""
-  from adjax import backbones, methods
-  from adjax.data import datasets
+def _validate_taps(config) -> None:
+  from adjax import backbones
   from adjax.errors import ConfigError
-  if config.data.name not in datasets.NAMES:
-    raise ConfigError(f"Unknown dataset '{config.data.name}' in data.name. Choose one of: "
-                      f"{', '.join(datasets.NAMES)}.")
-  methods.get(config.model.name)
   spec = backbones.get_spec(config.model.backbone)
   layers = list(config.model.layers) if isinstance(config.model.layers, (tuple, list)) else [config.model.layers]
   bad = [t for t in layers if t not in spec.taps or t == "logits"]
@@ -104,22 +157,31 @@ def validate(config) -> None:
   strides = [spec.strides[t] for t in layers]
   if strides != sorted(strides):
     raise ConfigError(f"model.layers {layers} must go from shallow to deep (strides {strides}).")
-  if config.model.get("source_backbone"):
-    source = backbones.get_spec(config.model.source_backbone)
-    source_strides = [source.strides.get(t) for t in config.model.source_layers]
-    if source_strides != strides:
-      raise ConfigError(f"model.source_layers {tuple(config.model.source_layers)} of {source.name} must be taps at "
-                        f"the strides of model.layers ({strides}), one per hierarchy; got {source_strides}.")
+
+
+def validate(config) -> None:
+  """Checks values the type system cannot, before any data is read or weights loaded."""
+  from adjax import methods
+  from adjax.data import datasets
+  from adjax.errors import ConfigError
+  if config.data.name not in datasets.NAMES:
+    raise ConfigError(f"Unknown dataset '{config.data.name}' in data.name. Choose one of: "
+                      f"{', '.join(datasets.NAMES)}.")
+  methods.get(config.model.name)
+  if "backbone" in config.model:  # methods without a frozen backbone have no backbone keys
+    _validate_taps(config)
   for key in ("data.image_size", "data.crop_size", "train.batch_size", "eval.batch_size", "train.checkpoint_every"):
     section, name = key.split(".")
     if config[section][name] <= 0:
       raise ConfigError(f"{key} must be positive, not {config[section][name]}.")
   if config.train.checkpoint_min_seconds < 0:
     raise ConfigError(f"train.checkpoint_min_seconds must be 0 or more, not {config.train.checkpoint_min_seconds}.")
+  if not 0.0 <= config.data.calibration_fraction < 1.0:
+    raise ConfigError(f"data.calibration_fraction must be in [0, 1), not {config.data.calibration_fraction}.")
   if config.data.crop_size > config.data.image_size:
     raise ConfigError(f"data.crop_size ({config.data.crop_size}) must not exceed data.image_size "
                       f"({config.data.image_size}): the crop is taken from the resized image.")
   for key in ("model.dtype", "train.feature_cache_dtype"):
     section, name = key.split(".")
-    if config[section][name] not in ("float32", "bfloat16"):
+    if name in config[section] and config[section][name] not in ("float32", "bfloat16"):
       raise ConfigError(f"{key} must be 'float32' or 'bfloat16', not '{config[section][name]}'.")

@@ -46,33 +46,38 @@ def anomaly_maps(patch_maps: jax.Array, size: int, sigma: float) -> jax.Array:
   return gaussian_smooth(up, sigma)
 
 
-def make_scorer(config, method, feature_fn):
-  """The jitted scoring program: (state, backbone variables, images (B, S, S, 3)) ->
-  (image scores (B,), anomaly maps (B, S, S)). The backbone's variables are an argument:
-  closed over, they would be embedded in the program as constants (WideResNet50: a 92 MB
-  compilation-cache entry per program, 2.7 s to compile instead of 1.3 s on the 2-core CPU,
-  the same run time)."""
+def make_scorer(config, method, extractor):
+  """The jitted scoring program: (state, extractor variables or None, normalised images
+  (B, S, S, 3)) -> (image scores (B,), anomaly maps (B, S, S)); the method gets the inputs it
+  declared (`score_inputs`). The frozen variables are an argument, never closed over: XLA
+  would embed them in the program as constants (benchmarks/README.md)."""
   @jax.jit
   def score_batch(state, variables, images):
-    image_scores, patch_maps = method.score(config, state, feature_fn.fn(variables, images))
+    inputs = {}
+    if "features" in method.score_inputs:
+      inputs["features"] = extractor.fn(variables, images)
+    if "images" in method.score_inputs:
+      inputs["images"] = images
+    image_scores, patch_maps = method.score(state, inputs, images.shape[1:3])
     return image_scores, anomaly_maps(patch_maps, images.shape[1], config.eval.smoothing_sigma)
   return score_batch
 
 
-def score_dataset(config, method, state, feature_fn, records, desc, scorer=None):
+def score_dataset(config, method, state, extractor, records, desc, scorer=None):
   """Runs the pipeline over `records`: image scores, maps, masks, labels, in record order.
   `scorer`: make_scorer's program, shared across calls (categories) so it compiles once."""
-  spec_mean, spec_std = feature_fn.spec.mean, feature_fn.spec.std
+  mean, std = method.normalisation(extractor)
   dataset = pipeline.make_dataset(
-      records, image_size=config.data.image_size, crop_size=config.data.crop_size, mean=spec_mean,
-      std=spec_std, batch_size=config.eval.batch_size, worker_count=config.data.workers,
+      records, image_size=config.data.image_size, crop_size=config.data.crop_size, mean=mean,
+      std=std, batch_size=config.eval.batch_size, worker_count=config.data.workers,
       shard_index=0, shard_count=1)
-  score_batch = scorer or make_scorer(config, method, feature_fn)
+  score_batch = scorer or make_scorer(config, method, extractor)
+  variables = None if extractor is None else extractor.variables
   scores, maps, masks, labels, images = [], [], [], [], []
   with progress.bar(len(records), desc) as bar:
     for batch in dataset:
       count = len(batch["label"])
-      s, m = score_batch(state, feature_fn.variables, pipeline.pad_batch(batch["image"], config.eval.batch_size))
+      s, m = score_batch(state, variables, pipeline.pad_batch(batch["image"], config.eval.batch_size))
       scores.append(np.asarray(s[:count]))
       maps.append(np.asarray(m[:count]))
       masks.append(batch["mask"])
@@ -116,7 +121,7 @@ def overlay_panel(image_rgb: np.ndarray, mask, amap: np.ndarray, lo: float, hi: 
   return np.concatenate([image_rgb, truth, heat], axis=1)
 
 
-def write_overlays(directory, split, scored, spec, count):
+def write_overlays(directory, split, scored, normalisation, count):
   """PNG overlays for up to `count` test images, anomalous ones first, one colour scale per category."""
   if count <= 0:
     return
@@ -126,7 +131,7 @@ def write_overlays(directory, split, scored, spec, count):
   lo, hi = np.percentile(scored["maps"], 1), np.percentile(scored["maps"], 99.9)
   for i in picks:
     record = split.test[int(i)]
-    rgb = transforms.denormalise(scored["images"][i], spec.mean, spec.std)
+    rgb = transforms.denormalise(scored["images"][i], *normalisation)
     panel = overlay_panel(rgb, scored["masks"][i] if split.has_masks else None, scored["maps"][i], lo, hi)
     name = f"{record.defect_type}_{record.subclass + '_' if record.subclass else ''}" \
            f"{os.path.splitext(os.path.basename(record.path))[0]}.png"
@@ -150,7 +155,7 @@ def write_reports(workdir: str, report: dict, config) -> dict:
   io_utils.write_json(os.path.join(workdir, "metrics.json"),
                       {"metrics": report, "config": json.loads(config.to_json_best_effort())})
   columns = ("image_auroc", "pixel_auroc", "aupro", "f1_max", "pixel_f1_max")
-  lines = [f"# {config.model.name} on {config.data.name} ({config.model.backbone})", "",
+  lines = [f"# {config.model.name} on {config.data.name} ({config.model.get('backbone') or 'no backbone'})", "",
            "| category | " + " | ".join(columns) + " |", "|---" * (len(columns) + 1) + "|"]
   for name, values in report.items():
     lines.append(f"| {name} | " + " | ".join(_fmt(values.get(c)) for c in columns) + " |")

@@ -3,7 +3,8 @@
 import json
 import os
 import tempfile
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 
 def atomic_write(path: str, write: Callable[[Any], None], mode: str = "wb") -> None:
@@ -41,9 +42,8 @@ def cache_dir(*parts: str) -> str:
 
 
 # JAX's default keeps only programs that took >= 1 s to compile. A run also compiles dozens of
-# small ones (row gathers, the scoring and map programs, optimiser set-up); on a GPU each
-# costs 0.1-0.5 s of ptxas/autotuning, so we keep those too. Reading an entry back is a
-# file read, cheaper than any compilation.
+# small ones (row gathers, the scoring and map programs, optimiser set-up), each still costly
+# on a GPU (ptxas, autotuning), so we keep those too: reading an entry back is a file read.
 MIN_CACHED_COMPILE_SECONDS = 0.05
 
 # Without a limit the cache only grows (every new image size, batch size or backbone adds

@@ -5,7 +5,6 @@ are anomaly scores (higher = more anomalous). A metric that is undefined for the
 (e.g. AUROC with only one class present) returns None, which reports write as null.
 """
 
-from typing import Optional
 
 import numpy as np
 import scipy.ndimage
@@ -20,7 +19,7 @@ def _flat(labels, scores):
   return labels, scores
 
 
-def auroc(labels, scores) -> Optional[float]:
+def auroc(labels, scores) -> float | None:
   """Area under the ROC curve, ties counted as half (Mann-Whitney U / (n_pos * n_neg))."""
   labels, scores = _flat(labels, scores)
   n_pos = int(labels.sum())
@@ -45,7 +44,7 @@ def _descending_counts(labels, scores, weights_pos=None, weights_neg=None):
   return sorted_scores[last_of_run], cum_pos[last_of_run], cum_neg[last_of_run]
 
 
-def f1_max(labels, scores) -> tuple[Optional[float], Optional[float]]:
+def f1_max(labels, scores) -> tuple[float | None, float | None]:
   """Best F1 over all thresholds `score >= t`, and that threshold t."""
   labels, scores = _flat(labels, scores)
   n_pos = labels.sum()
@@ -60,7 +59,7 @@ def f1_max(labels, scores) -> tuple[Optional[float], Optional[float]]:
   return float(f1[best]), float(thresholds[best])
 
 
-def iou(masks, maps, threshold: float) -> Optional[float]:
+def iou(masks, maps, threshold: float) -> float | None:
   """Intersection over union of `maps >= threshold` with the ground-truth masks."""
   masks, maps = _flat(masks, maps)
   predicted = maps >= threshold
@@ -70,7 +69,7 @@ def iou(masks, maps, threshold: float) -> Optional[float]:
   return float(np.logical_and(predicted, masks).sum() / union)
 
 
-def aupro(masks, maps, fpr_limit: float = 0.3) -> Optional[float]:
+def aupro(masks, maps, fpr_limit: float = 0.3) -> float | None:
   """Area under the per-region-overlap curve up to `fpr_limit`, divided by `fpr_limit`.
 
   The MVTec AD protocol (Bergmann et al., IJCV 2021): every connected ground-truth

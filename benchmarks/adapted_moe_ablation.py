@@ -3,7 +3,7 @@ r"""Adapted-MoE ablation (the paper's Table 2) on the built-in dataset, seen vs 
   python benchmarks/adapted_moe_ablation.py [--rows baseline,moe,tta,norm,all] [--workdir runs/ablation]
       [--set train.epochs=16 ...]
 
-Trains and evaluates configs/adapted_moe.py:+<row> for each row (one `adjax.main` run
+Trains and evaluates configs/adapted_moe.py:row=<row> for each row (one `adjax.main` run
 each, all three categories) and prints mean image / pixel AUROC over the categories, for
 seen and unseen subclasses. 'baseline' is SimpleNet. Nothing is selected on the test set:
 every row is trained for the config's epochs and its final model is evaluated.
@@ -35,7 +35,7 @@ def main():
   results = {}
   for row in args.rows.split(","):
     workdir = os.path.join(args.workdir, row)
-    command = [sys.executable, "-m", "adjax.main", f"--config=configs/adapted_moe.py:+{row}", f"--workdir={workdir}",
+    command = [sys.executable, "-m", "adjax.main", f"--config=configs/adapted_moe.py:row={row}", f"--workdir={workdir}",
                *[f"--config.{s}" for s in args.set]]
     start = time.perf_counter()
     done = subprocess.run(command, cwd=ROOT, capture_output=True, text=True)
@@ -50,7 +50,8 @@ def main():
   print("|---|---|---|---|---|---|---|---|")
   for row, r in results.items():
     flags = ["x" if f else "" for f in adapted_moe.ROWS[row]]
-    print(f"| {row} | {' | '.join(flags)} | {100 * r['seen']['image_auroc']:.2f} | {100 * r['seen']['pixel_auroc']:.2f} "
+    print(f"| {row} | {' | '.join(flags)} | {100 * r['seen']['image_auroc']:.2f} | "
+          f"{100 * r['seen']['pixel_auroc']:.2f} "
           f"| {100 * r['unseen']['image_auroc']:.2f} | {100 * r['unseen']['pixel_auroc']:.2f} |")
   print("\nMeans over the built-in categories (cloth, wood, metal); each row trained once, final model.")
 

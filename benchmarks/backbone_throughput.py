@@ -78,7 +78,7 @@ def main():
       extract, variables = backbones.make_extractor(name, taps, which, dtype=jdtype)
       xj = jax.device_put(x)
       flax_s = measure(lambda: extract(variables, xj), repeats=args.repeats,
-                       sync=lambda out: jax.block_until_ready(out))
+                       sync=jax.block_until_ready)
       model_t = torch_model.to(tdtype)
       forward = torch_forward(model_t)
       xt = torch.from_numpy(x.transpose(0, 3, 1, 2)).to(device=device, dtype=tdtype)

@@ -1,6 +1,6 @@
 r"""Accuracy on the real MVTec AD bottle category with offline EfficientNet-Lite weights.
 
-  python benchmarks/bottle_accuracy.py [--configs simplenet.py:mvtec_ad_lite0,pfm.py:lite0_lite2]
+  python benchmarks/bottle_accuracy.py [--configs simplenet.py:mvtec_ad_lite0 pfm.py:lite0_lite2,model=pfm]
       [--root ../shared/data/mvtec_ad] [--workdir runs/bottle] [--set train.epochs=40 ...]
 
 Trains and evaluates each config on bottle (209 train, 83 test images) with `adjax.main`,
@@ -18,19 +18,20 @@ import sys
 import time
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-DEFAULT = "simplenet.py:mvtec_ad_lite0,rsad.py:mvtec_ad_lite0,pfm.py:lite0_lite2+pfm,pfm.py:lite0_lite2+bpfm,pfm.py:lite0_lite2"
+DEFAULT = ["simplenet.py:mvtec_ad_lite0", "rsad.py:mvtec_ad_lite0", "pfm.py:lite0_lite2,model=pfm",
+           "pfm.py:lite0_lite2,model=bpfm", "pfm.py:lite0_lite2"]
 
 
 def main():
   parser = argparse.ArgumentParser()
-  parser.add_argument("--configs", default=DEFAULT)
+  parser.add_argument("--configs", nargs="+", default=DEFAULT, help="config file[:variant] per run")
   parser.add_argument("--root", default=os.path.join(ROOT, "..", "shared", "data", "mvtec_ad"))
   parser.add_argument("--workdir", default=os.path.join(ROOT, "runs", "bottle"))
   parser.add_argument("--set", action="append", default=[], help="extra config overrides, e.g. train.epochs=40")
   args = parser.parse_args()
   rows = []
-  for spec in args.configs.split(","):
-    workdir = os.path.join(args.workdir, spec.replace(".py", "").replace(":", "_").replace("+", "_"))
+  for spec in args.configs:
+    workdir = os.path.join(args.workdir, "".join(ch if ch.isalnum() else "_" for ch in spec.replace(".py", "")))
     command = [sys.executable, "-m", "adjax.main", f"--config=configs/{spec}", f"--config.data.root={args.root}",
                "--config.data.category=bottle", f"--workdir={workdir}", *[f"--config.{s}" for s in args.set]]
     start = time.perf_counter()

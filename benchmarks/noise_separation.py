@@ -26,12 +26,9 @@ import numpy as np
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
-from adjax import train  # noqa: E402
-from adjax.backbones.patch_features import make_feature_fn  # noqa: E402
+from adjax import caches, methods  # noqa: E402
 from adjax.data import datasets  # noqa: E402
-from adjax.methods import rsad, simplenet  # noqa: E402
 
-METHODS = {"simplenet": simplenet, "rsad": rsad}
 DEFAULT_RUNS = ("simplenet.py:mvtec_ad_lite0 data.image_size=256 data.crop_size=224,"
                 "rsad.py:mvtec_ad_lite0,"
                 "rsad.py:mvtec_ad_lite0 model.mona_dropout=0.0,"
@@ -56,11 +53,11 @@ def load_run(spec: str):
   return config
 
 
-def normality_logits(method, config, state, features, noise_key):
+def normality_logits(method, state, features, noise_key):
   """Discriminator outputs for the clean adapted features and their noised copies (eq. 6)."""
-  true = method.adapt(config, state, features)
-  fake = true + config.model.noise_std * jax.random.normal(noise_key, true.shape)
-  return method.discriminate(config, state, true), method.discriminate(config, state, fake)
+  true = method.adapt(state, features)
+  fake = true + method.config.model.noise_std * jax.random.normal(noise_key, true.shape)
+  return method.discriminate(state, true), method.discriminate(state, fake)
 
 
 def main():
@@ -76,16 +73,17 @@ def main():
   summary = []
   for spec in [s.strip() for s in args.runs.split(",")]:
     config = load_run(spec)
-    method = METHODS[config.model.name]
+    method = methods.build(config)  # SimpleNet or RSAD: both have adapt and discriminate
     key = (config.data.image_size, config.data.crop_size, config.model.backbone, tuple(config.model.layers),
            config.model.get("feature_scale", 1.0))
     if key not in cache:
-      cache[key] = train.compute_features(config, make_feature_fn(config.model), records, "features")
+      extractor = method.make_extractor()
+      cache[key] = caches.compute_features(config, extractor, records, "features", *method.normalisation(extractor))
     features = cache[key]
     n, h, w, _ = features.shape
     crop = min(args.crop, h, w)
-    state = method.init(config, features[:1, :crop, :crop], jax.random.key(config.seed))
-    step = jax.jit(lambda s, b, k, c=config, m=method: m.train_step(c, s, {"features": b}, k))
+    state = method.init({"features": features[:1, :crop, :crop]}, jax.random.key(config.seed))
+    step = jax.jit(lambda s, b, k, m=method: m.train_step(s, {"features": b}, k))
     probe = jnp.asarray(features[:4])
     rng, key = np.random.default_rng(config.seed), jax.random.key(config.seed + 1)
     print(f"== {spec}: {n} training images, maps {h}x{w}, crops {crop}x{crop}", flush=True)
@@ -96,7 +94,7 @@ def main():
       key, sub = jax.random.split(key)
       state, metrics = step(state, jnp.asarray(features[idx, y:y + crop, x:x + crop]), sub)
       if i % max(1, args.steps // 10) == 0 or i == args.steps:
-        true, fake = normality_logits(method, config, state, probe, jax.random.key(5))
+        true, fake = normality_logits(method, state, probe, jax.random.key(5))
         separation = float((true > fake).mean())
         print(f"step {i:6d}  loss {float(metrics['loss']):.4f}  P(D_true > D_fake) {separation:.3f}  "
               f"{time.perf_counter() - start:.0f} s", flush=True)

@@ -20,12 +20,11 @@ import torch.nn.functional as F
 import torchvision
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "configs"))
-import pfm as pfm_config  # noqa: E402
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from timing import measure, row  # noqa: E402
 
-from adjax.backbones.patch_features import make_feature_fn  # noqa: E402
 from adjax.methods import pfm  # noqa: E402
+from configs import pfm as pfm_config  # noqa: E402
 
 
 def torch_mapping(cs, ct, c, bidirectional=True):
@@ -55,14 +54,15 @@ def main():
   config = pfm_config.get_config(args.pair)
   config.model.backbone_weights = "random"
   size = config.data.crop_size
-  feature_fn = make_feature_fn(config.model)
+  method = pfm.PFM(config)
+  feature_fn = method.make_extractor()
   x = np.random.default_rng(0).normal(size=(args.batch, size, size, 3)).astype(np.float32)
   sample = jax.tree.map(np.asarray, feature_fn(x[:1]))
-  state = pfm.init(config, sample, jax.random.key(0))
+  state = method.init({"features": sample}, jax.random.key(0))
 
   @jax.jit
   def adjax_infer(state, variables, images):  # weights as arguments, as evaluate.make_scorer passes them
-    return pfm.score(config, state, feature_fn.fn(variables, images))
+    return method.score(state, {"features": feature_fn.fn(variables, images)}, (size, size))
 
   xj = jax.device_put(x)
   adjax_s = measure(lambda: adjax_infer(state, feature_fn.variables, xj), repeats=args.repeats,

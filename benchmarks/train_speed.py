@@ -37,15 +37,12 @@ import torch
 import torch.nn.functional as F
 import torchvision
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "configs"))
-import simplenet as simplenet_config  # noqa: E402
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from adjax import evaluate, io_utils, train  # noqa: E402
-from adjax.backbones.patch_features import make_feature_fn  # noqa: E402
+from adjax import caches, evaluate, io_utils, train  # noqa: E402
 from adjax.data import datasets, transforms  # noqa: E402
 from adjax.methods import simplenet  # noqa: E402
-
+from configs import simplenet as simplenet_config  # noqa: E402
 
 # ---- the plain PyTorch SimpleNet (official architecture and optimisers) ----
 
@@ -133,7 +130,8 @@ def main():
   config.model.backbone_weights = "random"
   config.data.image_size, config.data.crop_size = args.resize, args.crop
   config.train.batch_size = args.batch
-  feature_fn = make_feature_fn(config.model)
+  method = simplenet.SimpleNet(config)
+  feature_fn = method.make_extractor()
   images = np.stack([transforms.preprocess_image(transforms.load_image(r.path), args.resize, args.crop,
                                                  feature_fn.spec.mean, feature_fn.spec.std) for r in records])
   n, steps = len(images), -(-len(images) // args.batch)
@@ -147,15 +145,15 @@ def main():
   adjax_epochs = args.adjax_epochs or (args.protocol_epochs if jax.default_backend() != "cpu" else 3)
   config.train.epochs = adjax_epochs
   epoch_starts = []
-  full_epoch = train.FeatureSource.epoch
+  full_epoch = caches.TrainingSet.epoch
 
   def timed_epoch(source, order, batch_size):
     if len(order) == n:
       epoch_starts.append(time.perf_counter())
     return full_epoch(source, order, batch_size)
 
-  train.FeatureSource.epoch = timed_epoch
-  full_compute_features = train.compute_features
+  caches.TrainingSet.epoch = timed_epoch
+  full_compute_features = caches.compute_features
   feature_s = []
 
   def timed_compute_features(*a, **k):
@@ -164,13 +162,13 @@ def main():
     feature_s.append(time.perf_counter() - t)
     return out
 
-  train.compute_features = timed_compute_features
+  caches.compute_features = timed_compute_features
   with tempfile.TemporaryDirectory() as workdir:
     start = time.perf_counter()
-    state = train.fit_category(config, simplenet, feature_fn, split, jax.random.key(0), workdir)
+    state = train.fit_category(config, method, feature_fn, split, jax.random.key(0), workdir)
     jax.block_until_ready(state)
     fit_s = time.perf_counter() - start
-  train.FeatureSource.epoch, train.compute_features = full_epoch, full_compute_features
+  caches.TrainingSet.epoch, caches.compute_features = full_epoch, full_compute_features
   epoch_s = np.diff(epoch_starts + [start + fit_s])
   steady_epoch = float(np.median(epoch_s[1:])) if len(epoch_s) > 1 else float(epoch_s[0])
   before_training = epoch_starts[0] - start
@@ -191,15 +189,17 @@ def main():
 
   print(f"adjax: {adjax_epochs} epochs of train.fit_category in {fit_s:.1f} s: feature cache "
         f"{feature_s[0]:.1f} s (decode + backbone incl. its compilation; the training programs compile alongside), "
-        f"other set-up {before_training - feature_s[0]:.1f} s, first epoch {epoch_s[0]:.2f} s, then {steady_epoch:.3f} s/epoch "
+        f"other set-up {before_training - feature_s[0]:.1f} s, first epoch {epoch_s[0]:.2f} s, "
+        f"then {steady_epoch:.3f} s/epoch "
         f"({n / steady_epoch:.1f} img/s)")
   print(f"torch: {torch_epoch_s:.1f} s/epoch ({n / torch_epoch_s:.1f} img/s), backbone recomputed each epoch")
-  print(f"{args.protocol_epochs}-epoch protocol (adjax ran {adjax_epochs}, torch {args.measure_epochs} epoch(s), rest extrapolated): "
+  print(f"{args.protocol_epochs}-epoch protocol (adjax ran {adjax_epochs}, torch {args.measure_epochs} epoch(s), "
+        "rest extrapolated): "
         f"adjax {adjax_total / 60:.2f} min, torch {torch_total / 60:.1f} min, ratio {torch_total / adjax_total:.2f}x")
 
   # Inference: one batch, features -> scores -> upsampled + smoothed maps.
   # The program `--mode=eval` runs (evaluate.make_scorer); SimpleNet's maps: bilinear + sigma 4.
-  adjax_infer = evaluate.make_scorer(config, simplenet, feature_fn)
+  adjax_infer = evaluate.make_scorer(config, method, feature_fn)
   xb = jax.device_put(images[: args.batch])
   jax.block_until_ready(adjax_infer(state, feature_fn.variables, xb))
   repeats = 20 if device == "cuda" else 3

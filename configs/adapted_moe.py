@@ -5,12 +5,12 @@ Usage (the README's main command):
   python -m adjax.main --config=configs/adapted_moe.py:texture_ad_cloth --config.data.root=/data/texture_ad \
       --workdir=runs/moe_cloth
 
-Variant: '[<dataset>][+<row>]'.
+Variant: '<dataset>[,row=<row>]' (configlib.parse_arg's grammar), e.g. 'texture_ad_cloth,row=tta_norm'.
   dataset: '' (built-in synthetic textures, offline EfficientNet-Lite0, a few minutes on 2 CPU
            cores), 'texture_ad_cloth', 'texture_ad_wafer', 'texture_ad_metal' (the paper's
            protocol: WideResNet50 layer2+3, 160 epochs, batch 8, lr 1e-4..2e-4, sigma 0.015).
   row:     Table 2's ablation: 'baseline' (SimpleNet), 'moe', 'tta', 'moe_norm', 'tta_norm',
-           'moe_tta', 'all' (default), plus 'norm'. E.g. configs/adapted_moe.py:+tta_norm.
+           'moe_tta', 'all' (default), plus 'norm'. E.g. configs/adapted_moe.py:row=tta_norm.
 """
 
 from adjax import configlib
@@ -23,11 +23,20 @@ ROWS = {  # Table 2: (+MoE, +TTA, +Norm)
 }
 
 
-def get_config(arg: str = ""):
+DATASETS = ("", "texture_ad_cloth", "texture_ad_wafer", "texture_ad_metal")
+VARIANTS = DATASETS + tuple(f"row={row}" for row in ROWS)
+
+
+def _old_form(arg):
+  """The retired '<dataset>+<row>' spelling's new form."""
   dataset, _, row = arg.partition("+")
-  row = row or "all"
-  if row not in ROWS:
-    raise ValueError(f"unknown ablation row '{row}' in configs/adapted_moe.py: use one of {', '.join(ROWS)}")
+  return f"{dataset},row={row}" if dataset else f"row={row}"
+
+
+def get_config(arg: str = ""):
+  v = configlib.parse_arg(arg, "adapted_moe.py", DATASETS, row=("all",) + tuple(r for r in ROWS if r != "all"),
+                          old_forms=[(lambda a: "+" in a, _old_form)])
+  dataset, row = v.dataset, v.row
   c = configlib.base()
   m = c.model
   m.name = "adapted_moe"
@@ -52,7 +61,7 @@ def get_config(arg: str = ""):
   m.dsc_weight_decay = 1e-5
   c.train.epochs = 160        # Sec. 3.2: 160 epochs, batch 8
   c.train.batch_size = 8
-  if dataset in ("", "synthetic"):
+  if dataset == "":
     configlib.lite0_demo(c)
     # Sized for a few minutes on 2 CPU cores, not for the paper's accuracy.
     c.data.image_size = c.data.crop_size = 128
@@ -60,10 +69,7 @@ def get_config(arg: str = ""):
     m.dsc_hidden = (512,)     # the reference's MVTec config uses 512
     m.routing_width = 64
     c.train.epochs = 16
-  elif dataset in ("texture_ad_cloth", "texture_ad_wafer", "texture_ad_metal"):
+  else:  # texture_ad_<category>
     configlib.wrn50_paper(c, "texture_ad")
     c.data.category = dataset.removeprefix("texture_ad_")
-  else:
-    raise ValueError(f"unknown dataset '{dataset}' in configs/adapted_moe.py: use '', 'texture_ad_cloth', "
-                     "'texture_ad_wafer' or 'texture_ad_metal'")
   return c

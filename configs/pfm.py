@@ -5,12 +5,15 @@ Usage:
   python -m adjax.main --config=configs/pfm.py:lite0_lite2 --config.data.root=../shared/data/mvtec_ad \
       --config.data.category=bottle --workdir=runs/pfm_bottle
 
-Variant: '<pair>[+<model>][+random]'.
-  pair:  '' (built-in dataset, Lite0 -> Lite2, offline), 'lite0_lite2' (MVTec AD with the offline
-         EfficientNet-Lite pair), 'r34_r50' (the paper's best, MVTec AD), 'r18_r34', 'r18_r50', 'vgg16_vgg19'.
-  model: 'mbpfm' (default: bidirectional, three hierarchies), 'bpfm' (bidirectional, the middle
-         hierarchy), 'pfm' (one direction, the middle hierarchy); with the suffix '_h<k>' for
-         another single hierarchy (e.g. 'bpfm_h0'). '+random' initialises both backbones randomly.
+Variant: '<pair>[,model=<model>][,hierarchy=<k>][,random=true]' (configlib.parse_arg's grammar),
+e.g. 'r34_r50,model=bpfm,hierarchy=0'.
+  pair:      '' (built-in dataset, Lite0 -> Lite2, offline), 'lite0_lite2' (MVTec AD with the
+             offline EfficientNet-Lite pair), 'r34_r50' (the paper's best, MVTec AD), 'r18_r34',
+             'r18_r50', 'vgg16_vgg19'.
+  model:     'mbpfm' (default: bidirectional, all three hierarchies), 'bpfm' (bidirectional,
+             one hierarchy), 'pfm' (one direction, one hierarchy).
+  hierarchy: the single hierarchy of 'bpfm' / 'pfm' (0, 1 or 2; default 1, the middle one).
+  random:    initialise both backbones randomly.
   These reproduce the ablation cases of Table VII.
 """
 
@@ -20,7 +23,8 @@ from adjax import configlib
 PAIRS = {
     # ResNets: conv2_x, conv3_x, conv4_x = layer1..layer3. Table II's extracted cells are partly
     # illegible; the values below are its readable entries, completed consistently.
-    "r34_r50": ("resnet34", "resnet50", ("layer1", "layer2", "layer3"), ("layer1", "layer2", "layer3"), (200, 400, 900)),
+    "r34_r50": ("resnet34", "resnet50", ("layer1", "layer2", "layer3"), ("layer1", "layer2", "layer3"),
+                (200, 400, 900)),
     "r18_r34": ("resnet18", "resnet34", ("layer1", "layer2", "layer3"), ("layer1", "layer2", "layer3"), (50, 100, 200)),
     "r18_r50": ("resnet18", "resnet50", ("layer1", "layer2", "layer3"), ("layer1", "layer2", "layer3"), (20, 400, 900)),
     # VGG: the last three down-sampling stages.
@@ -32,12 +36,30 @@ PAIRS = {
 }
 
 
+VARIANTS = ("", "lite0_lite2", "r34_r50", "r18_r34", "r18_r50", "vgg16_vgg19", "lite0_lite2,model=bpfm",
+            "lite0_lite2,model=pfm,hierarchy=0", "r34_r50,random=true")
+
+
+def _old_form(arg):
+  """The retired '<pair>+<model>[_h<k>][+random]' spelling's new form."""
+  pair, *options = arg.split("+")
+  fields = [pair]
+  for option in options:
+    if option == "random":
+      fields.append("random=true")
+    else:
+      kind, _, hierarchy = option.partition("_h")
+      fields.append(f"model={kind}" + (f",hierarchy={hierarchy}" if hierarchy else ""))
+  return ",".join(fields)
+
+
 def get_config(arg: str = ""):
-  parts = arg.split("+")
-  pair_name, options = parts[0], parts[1:]
-  random = "random" in options
-  options = [o for o in options if o != "random"]
-  model = options[0] if options else "mbpfm"
+  v = configlib.parse_arg(arg, "pfm.py", ("",) + tuple(PAIRS), model=("mbpfm", "bpfm", "pfm"), hierarchy=1,
+                          random=False, old_forms=[(lambda a: "+" in a, _old_form)])
+  pair_name, random = v.dataset, v.random
+  if v.model == "mbpfm" and "hierarchy=" in arg:
+    raise configlib.ConfigError("configs/pfm.py: hierarchy= picks the single hierarchy of model=bpfm or model=pfm; "
+                                "MB-PFM (the default model) uses all three.")
   c = configlib.base()
   m = c.model
   m.name = "pfm"
@@ -48,11 +70,8 @@ def get_config(arg: str = ""):
   m.source_weights = ""       # '' = the same as model.backbone_weights
   m.backbone_weights = "random" if random else "imagenet"
   m.latent = latent           # Table II: latent width c per hierarchy
-  kind, _, hierarchy = model.partition("_h")
-  if kind not in ("mbpfm", "bpfm", "pfm"):
-    raise ValueError(f"unknown model '{model}' in configs/pfm.py: use mbpfm, bpfm or pfm (optionally _h0/_h1/_h2)")
-  m.bidirectional = kind != "pfm"
-  m.hierarchies = (0, 1, 2) if kind == "mbpfm" and not hierarchy else (int(hierarchy or 1),)
+  m.bidirectional = v.model != "pfm"
+  m.hierarchies = (0, 1, 2) if v.model == "mbpfm" else (v.hierarchy,)
   m.lr = 3e-4                 # Sec. IV-A: Adam, lr 0.0003, batch 8, weight decay 1e-5, 200 epochs, 256x256
   m.weight_decay = 1e-5
   c.train.epochs = 200
@@ -63,6 +82,4 @@ def get_config(arg: str = ""):
   if dataset == "synthetic":
     c.data.image_size = c.data.crop_size = 128
     c.train.epochs = 20       # demo length
-  if pair_name not in PAIRS and pair_name != "":
-    raise ValueError(f"unknown pair '{pair_name}' in configs/pfm.py: use '', {', '.join(PAIRS)}")
   return c

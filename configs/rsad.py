@@ -4,25 +4,35 @@ Usage:
   python -m adjax.main --config=configs/rsad.py --workdir=runs/rsad
   python -m adjax.main --config=configs/rsad.py:mpdd --config.data.root=/data/mpdd --workdir=runs/rsad_mpdd
 
-Variants: '' (built-in dataset, offline EfficientNet-Lite0), 'mpdd' (the paper's main table),
-'mvtec_ad', 'visa' (WideResNet50 layer2+3, 256 -> 224, batch 4, 160 epochs), 'mvtec_ad_lite0';
-Table 5 ablation: append '_no_adapter' or '_fc' to any variant (e.g. 'mpdd_fc').
+Variant: '<dataset>[,aligner=<aligner>]' (configlib.parse_arg's grammar), e.g. 'mpdd,aligner=fc'.
+  dataset: '' (built-in dataset, offline EfficientNet-Lite0), 'mpdd' (the paper's main table),
+           'mvtec_ad', 'visa' (WideResNet50 layer2+3, 256 -> 224, batch 4, 160 epochs),
+           'mvtec_ad_lite0'.
+  aligner: Table 5's ablation: 'mona' (default, RSAD), 'fc' (bias-free FC layer), 'none'.
 """
 
 from adjax import configlib
 
+DATASETS = ("", "mpdd", "mvtec_ad", "visa", "mvtec_ad_lite0")
+VARIANTS = DATASETS + ("mpdd,aligner=fc", ",aligner=none")
+_OLD_SUFFIXES = {"_no_adapter": "none", "_fc": "fc", "no_adapter": "none", "fc": "fc"}
+
+
+def _old_form(arg):
+  """The retired '<dataset>_fc' / '<dataset>_no_adapter' spelling's new form."""
+  suffix = next(s for s in _OLD_SUFFIXES if arg.endswith(s))
+  dataset = arg[: -len(suffix)].rstrip("_")
+  return f"{dataset},aligner={_OLD_SUFFIXES[suffix]}" if dataset else f"aligner={_OLD_SUFFIXES[suffix]}"
+
 
 def get_config(arg: str = ""):
+  v = configlib.parse_arg(arg, "rsad.py", DATASETS, aligner=("mona", "fc", "none"), old_forms=[
+      (lambda a: "=" not in a and any(a.endswith(s) for s in _OLD_SUFFIXES), _old_form)])
+  arg = v.dataset
   c = configlib.base()
   m = c.model
   m.name = "rsad"
-  aligner = "mona"
-  for suffix, name in (("_no_adapter", "none"), ("_fc", "fc")):
-    if arg.endswith(suffix):
-      arg, aligner = arg[: -len(suffix)], name
-  if arg in ("no_adapter", "fc"):
-    arg, aligner = "", {"no_adapter": "none", "fc": "fc"}[arg]
-  m.aligner = aligner          # Table 5: 'mona' (RSAD), 'fc' (bias-free FC layer), 'none'
+  m.aligner = v.aligner        # Table 5: 'mona' (RSAD), 'fc' (bias-free FC layer), 'none'
   m.mona_bottleneck = 64       # Sec. 3.2 down-projection width (Mona's reference value)
   m.mona_dropout = 0.1         # Mona reference implementation
   m.noise_std = 0.015          # Sec. 3.3 sigma (as SimpleNet)
@@ -40,14 +50,11 @@ def get_config(arg: str = ""):
   c.train.epochs = 160         # Sec. 4: 160 epochs, batch 4, 256 -> 224
   c.train.batch_size = 4
   c.data.image_size, c.data.crop_size = 256, 224
-  if arg in ("", "synthetic"):
+  if arg == "":
     configlib.lite0_demo(c)
     c.train.epochs = 16
   elif arg in ("mpdd", "mvtec_ad", "visa"):
     configlib.wrn50_paper(c, arg)
-  elif arg == "mvtec_ad_lite0":
+  else:  # mvtec_ad_lite0
     configlib.lite0_real_data(c, "mvtec_ad")
-  else:
-    raise ValueError(f"unknown variant '{arg}' of configs/rsad.py: use '', 'mpdd', 'mvtec_ad', 'visa' or "
-                     "'mvtec_ad_lite0', optionally with '_no_adapter' or '_fc'")
   return c

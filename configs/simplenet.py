@@ -5,16 +5,21 @@ Usage:
   python -m adjax.main --config=configs/simplenet.py:mvtec_ad --config.data.root=/data/mvtec_ad \
       --workdir=runs/simplenet_mvtec
 
-Variants: '' (built-in dataset, offline EfficientNet-Lite0, a few minutes on 2 CPU cores),
-'mvtec_ad' (the official protocol: WideResNet50 layer2+3, 1536-d, resize 329 crop 288,
-batch 8, 160 epochs), 'mvtec_ad_lite0' (the same protocol, 329 -> 288 included, on the
-offline Lite0 backbone), 'visa', 'mpdd'.
+Variant: '<dataset>' (configlib.parse_arg's grammar; no further keys).
+  dataset: '' (built-in dataset, offline EfficientNet-Lite0, a few minutes on 2 CPU cores),
+           'mvtec_ad' (the official protocol: WideResNet50 layer2+3, 1536-d, resize 329 crop
+           288, batch 8, 160 epochs), 'mvtec_ad_lite0' (the same protocol, 329 -> 288
+           included, on the offline Lite0 backbone), 'visa', 'mpdd'.
 """
 
 from adjax import configlib
 
+DATASETS = ("", "mvtec_ad", "mvtec_ad_lite0", "visa", "mpdd")
+VARIANTS = DATASETS  # every variant, for the test that builds them all
+
 
 def get_config(arg: str = ""):
+  arg = configlib.parse_arg(arg, "simplenet.py", DATASETS).dataset
   c = configlib.base()
   m = c.model
   m.name = "simplenet"
@@ -32,16 +37,13 @@ def get_config(arg: str = ""):
   c.train.epochs = 160        # meta_epochs 40 x gan_epochs 4
   c.train.batch_size = 8
   c.eval.smoothing_sigma = 4.0  # RescaleSegmentor: bilinear upsampling + Gaussian sigma 4
-  if arg in ("", "synthetic"):
+  if arg == "":
     configlib.lite0_demo(c)
     c.train.epochs = 16       # demo length; the paper protocol is the mvtec_ad variant
   elif arg in ("mvtec_ad", "visa", "mpdd"):
     configlib.wrn50_paper(c, arg)
     c.data.image_size, c.data.crop_size = 329, 288  # the official run script's --resize/--imagesize
-  elif arg == "mvtec_ad_lite0":
+  else:  # mvtec_ad_lite0
     configlib.lite0_real_data(c, "mvtec_ad")
     c.data.image_size, c.data.crop_size = 329, 288  # as the mvtec_ad variant: only the backbone differs
-  else:
-    raise ValueError(f"unknown variant '{arg}' of configs/simplenet.py: use '', 'mvtec_ad', 'mvtec_ad_lite0', "
-                     "'visa' or 'mpdd'")
   return c

@@ -1,21 +1,16 @@
 """Adapted-MoE: vmapped experts, center updates, routing, TTA, ablation switches."""
 
-import os
-import sys
-
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs"))
-import adapted_moe as moe_config  # noqa: E402
-
-from adjax.methods import adapted_moe as am  # noqa: E402
-from adjax.methods import common  # noqa: E402
+from adjax.methods import adapted_moe as am
+from adjax.methods import common
+from configs import adapted_moe as moe_config
 
 
 def small_config(row="all"):
-  c = moe_config.get_config(f"+{row}")
+  c = moe_config.get_config(f"row={row}")
   c.model.target_embed_dim = c.model.pretrain_embed_dim = 16
   c.model.dsc_hidden = (24,)
   c.model.routing_width = 8
@@ -32,7 +27,8 @@ def data(n=6, size=5, channels=16, seed=0):
 def test_stacked_experts_equal_a_loop_over_experts():
   config = small_config()
   batch = data()
-  state = am.init(config, batch["features"], jax.random.key(0), num_subclasses=3)
+  method = am.AdaptedMoE(config)
+  state = method.init(batch, jax.random.key(0), num_subclasses=3)
   expert = common.Discriminator(tuple(config.model.dsc_hidden))
   x = jnp.asarray(batch["features"].reshape(-1, 16))
   stacked = jax.vmap(lambda p, s: am.apply_expert(expert, p, s, x, train=False)[0])(
@@ -49,8 +45,9 @@ def test_training_step_routes_each_image_to_its_own_expert():
   config = small_config()
   batch = data()
   batch["subclass"] = np.array([0, 0, 2, 2, 0, 2], np.int32)  # expert 1 gets no image
-  state = am.init(config, batch["features"], jax.random.key(0), num_subclasses=3)
-  new_state, _ = am.train_step(config, state, batch, jax.random.key(1))
+  method = am.AdaptedMoE(config)
+  state = method.init(batch, jax.random.key(0), num_subclasses=3)
+  new_state, _ = method.train_step(state, batch, jax.random.key(1))
   before, after = state["params"]["experts"], new_state["params"]["experts"]
   changed = [not np.allclose(jax.tree.leaves(before)[0][k], jax.tree.leaves(after)[0][k]) for k in range(3)]
   assert changed == [True, False, True]
@@ -73,12 +70,13 @@ def test_center_update_follows_wen_et_al():
 def test_routing_picks_the_nearest_center_by_cosine():
   config = small_config()
   batch = data(n=3)
-  state = am.init(config, batch["features"], jax.random.key(0), num_subclasses=3)
-  _, routing_net, _ = am._modules(config, 3)
+  method = am.AdaptedMoE(config)
+  state = method.init(batch, jax.random.key(0), num_subclasses=3)
+  routing_net = method.routing_net(3)
   embeddings, _ = routing_net.apply({"params": state["params"]["routing"]}, batch["features"])
   # Centers: each image's embedding (scaled: cosine ignores length) in a permuted order.
   state = {**state, "centers": jnp.stack([3 * embeddings[2], 0.5 * embeddings[0], embeddings[1]])}
-  indices, weights = am.route(config, state, batch["features"])
+  indices, weights = method.route(state, batch["features"])
   assert list(np.asarray(indices[:, 0])) == [1, 2, 0]
   np.testing.assert_allclose(weights.sum(-1), 1.0, rtol=1e-6)
 
@@ -97,35 +95,36 @@ def test_tta_output_has_the_experts_statistics_before_normalisation():
 def _after_one_step(row):
   config = small_config(row)
   batch = data()
-  state = am.init(config, batch["features"], jax.random.key(0), num_subclasses=3)
-  state, metrics = am.train_step(config, state, batch, jax.random.key(1))
-  state = am.finalize(config, state, [batch])
-  return config, state, metrics, batch
+  method = am.AdaptedMoE(config)
+  state = method.init(batch, jax.random.key(0), num_subclasses=3)
+  state, metrics = method.train_step(state, batch, jax.random.key(1))
+  state = method.finalize(state, [batch])
+  return method, state, metrics, batch
 
 
 def test_tta_changes_only_inference():
-  config_tta, state_tta, metrics_tta, batch = _after_one_step("moe_tta")
-  config_plain, state_plain, metrics_plain, _ = _after_one_step("moe")
+  method_tta, state_tta, metrics_tta, batch = _after_one_step("moe_tta")
+  method_plain, state_plain, metrics_plain, _ = _after_one_step("moe")
   for a, b in zip(jax.tree.leaves(state_tta["params"]), jax.tree.leaves(state_plain["params"])):
     np.testing.assert_array_equal(a, b)
   assert float(metrics_tta["loss"]) == float(metrics_plain["loss"])
-  scores_tta = am.score(config_tta, state_tta, batch["features"])[1]
-  scores_plain = am.score(config_plain, state_plain, batch["features"])[1]
+  scores_tta = method_tta.score(state_tta, batch, (5, 5))[1]
+  scores_plain = method_plain.score(state_plain, batch, (5, 5))[1]
   assert not np.allclose(scores_tta, scores_plain)
 
 
 def test_moe_switch_controls_experts_and_routing_only():
-  config, state, metrics, _ = _after_one_step("baseline")
+  _, state, metrics, _ = _after_one_step("baseline")
   assert state["centers"].shape[0] == 1 and "routing_loss" not in metrics
   assert float(metrics["loss"]) == float(metrics["expert_loss"])  # SimpleNet's loss alone
-  config, state, metrics, _ = _after_one_step("moe")
+  _, state, metrics, _ = _after_one_step("moe")
   assert state["centers"].shape[0] == 3 and "routing_loss" in metrics
 
 
 def test_norm_switch_normalises_expert_inputs_only_when_on():
   for row, normalised in (("moe_norm", True), ("moe", False)):
-    config, state, _, batch = _after_one_step(row)
-    q = np.asarray(am._expert_inputs(config, state["params"], batch["features"]), np.float64)
+    method, state, _, batch = _after_one_step(row)
+    q = np.asarray(method.expert_inputs(state["params"], batch["features"]), np.float64)
     if normalised:
       q = q / np.linalg.norm(q, axis=-1, keepdims=True)
     expert0 = q[batch["subclass"] == 0].reshape(-1, q.shape[-1])
@@ -137,8 +136,9 @@ def test_softmax_routing_loss_variant_drops_the_center_term():
   config = small_config()
   config.model.routing_loss = "softmax"
   batch = data()
-  state = am.init(config, batch["features"], jax.random.key(0), num_subclasses=3)
-  new_state, metrics = am.train_step(config, state, batch, jax.random.key(1))
+  method = am.AdaptedMoE(config)
+  state = method.init(batch, jax.random.key(0), num_subclasses=3)
+  new_state, metrics = method.train_step(state, batch, jax.random.key(1))
   assert float(metrics["routing_loss"]) == float(metrics["routing_ce"])
   np.testing.assert_array_equal(new_state["centers"], state["centers"])
 
@@ -148,5 +148,5 @@ def test_kmeans_subclasses_when_the_dataset_has_none():
   config.model.subclass_source, config.model.num_experts = "kmeans", 2
   rng = np.random.default_rng(0)
   features = np.concatenate([rng.normal(-2, 0.1, (5, 3, 3, 4)), rng.normal(2, 0.1, (5, 3, 3, 4))]).astype(np.float32)
-  labels = am.assign_subclasses(config, features, np.zeros(10, np.int32), jax.random.key(0))
+  labels = am.AdaptedMoE(config).assign_subclasses(features, np.zeros(10, np.int32), jax.random.key(0))
   assert len(set(labels[:5])) == 1 and len(set(labels[5:])) == 1 and labels[0] != labels[5]

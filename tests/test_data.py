@@ -5,11 +5,11 @@ import shutil
 
 import numpy as np
 import pytest
+from conftest import require_bottle
 from PIL import Image
 
 from adjax.data import datasets, pipeline, synthetic, transforms
-from adjax.errors import DataError, ConfigError
-from conftest import require_bottle
+from adjax.errors import ConfigError, DataError
 
 MEAN, STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
 

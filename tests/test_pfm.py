@@ -1,16 +1,11 @@
 """PFM / B-PFM / MB-PFM: normalisation, the shared mapping unit, multi-hierarchy fusion."""
 
-import os
-import sys
-
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs"))
-import pfm as pfm_config  # noqa: E402
-
-from adjax.methods import pfm  # noqa: E402
+from adjax.methods import pfm
+from configs import pfm as pfm_config
 
 
 def features(seed=0, n=3):
@@ -22,7 +17,8 @@ def features(seed=0, n=3):
 
 
 def config(model="mbpfm"):
-  c = pfm_config.get_config(f"lite0_lite2+{model}")
+  kind, _, hierarchy = model.partition("_h")
+  c = pfm_config.get_config(f"lite0_lite2,model={kind}" + (f",hierarchy={hierarchy}" if hierarchy else ""))
   c.model.latent = (4, 5, 6)
   c.data.crop_size = 16
   return c
@@ -40,14 +36,15 @@ def test_positions_are_l2_normalised_and_identity_mapping_scores_zero():
 def test_bpfm_shares_one_mapping_unit_between_directions():
   c = config("bpfm")
   f = features()
-  state = pfm.init(c, f, jax.random.key(0))
+  method = pfm.PFM(c)
+  state = method.init({"features": f}, jax.random.key(0))
   params = state["params"]["hierarchy1"]
   assert "smu" in params and not any("smu" in k for k in params if k != "smu")
   forward_names = {k for k in params if k.startswith("forward")}
   reverse_names = {k for k in params if k.startswith("reverse")}
   assert forward_names and reverse_names
   # Both directions pass through the one `smu`: each direction's loss alone moves it.
-  pair = pfm._pairs(c, f)[0]
+  pair = method.pairs(f)[0]
   source, target = pfm._l2(f["source"][1]), pfm._l2(f["target"][1])
 
   def direction_loss(p, which):
@@ -60,20 +57,21 @@ def test_bpfm_shares_one_mapping_unit_between_directions():
     grads = jax.grad(direction_loss)(params, which)
     assert float(jnp.abs(grads["smu"]["conv"]["kernel"]).sum()) > 0, which
   # The unidirectional PFM has no reverse network at all.
-  assert not any(k.startswith("reverse") for k in pfm.init(config("pfm"), f, jax.random.key(0))["params"]["hierarchy1"])
+  unidirectional = pfm.PFM(config("pfm")).init({"features": f}, jax.random.key(0))["params"]["hierarchy1"]
+  assert not any(k.startswith("reverse") for k in unidirectional)
 
 
 def test_mbpfm_map_is_the_mean_of_resized_hierarchy_maps():
   c = config("mbpfm")
   f = features()
-  state = pfm.init(c, f, jax.random.key(0))
-  _, fused = pfm.score(c, state, f)
+  state = pfm.PFM(c).init({"features": f}, jax.random.key(0))
+  _, fused = pfm.PFM(c).score(state, {"features": f}, (16, 16))
   expected = []
   for k in (0, 1, 2):
     single = config(f"bpfm_h{k}")
     sub_state = {**state, "params": {f"hierarchy{k}": state["params"][f"hierarchy{k}"]},
                  "batch_stats": {f"hierarchy{k}": state["batch_stats"][f"hierarchy{k}"]}}
-    expected.append(pfm.score(single, sub_state, f)[1])
+    expected.append(pfm.PFM(single).score(sub_state, {"features": f}, (16, 16))[1])
   np.testing.assert_allclose(fused, sum(expected) / 3, rtol=1e-5, atol=1e-6)
   assert fused.shape == (3, 16, 16)
 
@@ -86,8 +84,9 @@ def test_training_reduces_the_mapping_loss():
   # Targets that are a fixed linear function of the sources: a mapping exists to be learnt.
   f["target"] = tuple(np.einsum("bhwc,cd->bhwd", s, rng.normal(size=(s.shape[-1], t.shape[-1]))).astype(np.float32)
                       for s, t in zip(f["source"], f["target"]))
-  state = pfm.init(c, f, jax.random.key(0))
-  step = jax.jit(lambda s, b, k: pfm.train_step(c, s, b, k))
+  method = pfm.PFM(c)
+  state = method.init({"features": f}, jax.random.key(0))
+  step = jax.jit(method.train_step)
   losses = []
   for i in range(15):
     state, metrics = step(state, {"features": f}, jax.random.key(i))

@@ -2,17 +2,12 @@
 default) truncate the loss to zero once normal and noised features are told apart, while
 read literally on the sigmoid output they cannot."""
 
-import os
-import sys
-
 import jax
 import numpy as np
 import pytest
 
-sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs"))
-import rsad as rsad_config  # noqa: E402
-
-from adjax.methods import rsad  # noqa: E402
+from adjax.methods import rsad
+from configs import rsad as rsad_config
 
 
 def _seg_losses(hinge_on_logits, steps=300):
@@ -21,8 +16,9 @@ def _seg_losses(hinge_on_logits, steps=300):
   config.model.noise_std = 1.0  # noise far larger than the features: easily separable
   config.model.hinge_on_logits = hinge_on_logits
   features = np.random.default_rng(0).normal(0, 0.3, size=(4, 4, 4, 16)).astype(np.float32)
-  state = rsad.init(config, features, jax.random.key(0))
-  step = jax.jit(lambda s, k: rsad.train_step(config, s, {"features": features}, k))
+  method = rsad.RSAD(config)
+  state = method.init({"features": features}, jax.random.key(0))
+  step = jax.jit(lambda s, k: method.train_step(s, {"features": features}, k))
   losses = []
   for i in range(steps):
     state, metrics = step(state, jax.random.key(i + 1))
@@ -48,8 +44,9 @@ def test_anomaly_map_is_one_minus_the_sigmoid_normality(hinge_on_logits):
   config = rsad_config.get_config("")
   config.model.dsc_hidden, config.model.hinge_on_logits = (8, 8), hinge_on_logits
   features = np.random.default_rng(1).normal(size=(2, 3, 3, 16)).astype(np.float32)
-  state = rsad.init(config, features, jax.random.key(0))
-  image_scores, maps = rsad.score(config, state, features)
+  method = rsad.RSAD(config)
+  state = method.init({"features": features}, jax.random.key(0))
+  image_scores, maps = method.score(state, {"features": features}, (3, 3))
   assert maps.shape == (2, 3, 3)
   assert float(maps.min()) > 0.0 and float(maps.max()) < 1.0
   np.testing.assert_allclose(image_scores, maps.max(axis=(1, 2)), rtol=1e-6)
@@ -106,13 +103,14 @@ def test_focal_term_is_on_the_image_max_or_on_every_location(focal_on):
   config = rsad_config.get_config("")
   config.model.aligner, config.model.dsc_hidden, config.model.focal_on = "none", (8, 8), focal_on
   features = np.random.default_rng(2).normal(0, 0.3, size=(2, 3, 3, 16)).astype(np.float32)
-  state = rsad.init(config, features, jax.random.key(0))
+  method = rsad.RSAD(config)
+  state = method.init({"features": features}, jax.random.key(0))
   key = jax.random.key(5)
-  _, (_, metrics) = rsad.loss_fn(config, state["params"], state["batch_stats"], features, key)
+  _, (_, metrics) = method.loss_fn(state["params"], state["batch_stats"], features, key)
   noise_key, _ = jax.random.split(key)
   true = features.reshape(-1, 16)
   fake = true + config.model.noise_std * np.asarray(jax.random.normal(noise_key, true.shape))
-  _, discriminator = rsad._model(config)
+  discriminator = method.discriminator
   logits, _ = discriminator.apply({"params": state["params"]["discriminator"], "batch_stats": state["batch_stats"]},
                                   np.concatenate([true, fake]), train=True, mutable=["batch_stats"])
   anomaly = 1 - 1 / (1 + np.exp(-np.asarray(logits[:, 0], np.float64)))
@@ -127,9 +125,9 @@ def test_focal_term_is_on_the_image_max_or_on_every_location(focal_on):
   np.testing.assert_allclose(float(metrics["focal_loss"]), expected, rtol=1e-4)
 
 
-def test_unknown_focal_target_is_a_config_error():
+def test_unknown_focal_target_is_a_config_error_when_the_method_is_built():
   from adjax.errors import ConfigError
   config = rsad_config.get_config("")
   config.model.focal_on = "pixels"
   with pytest.raises(ConfigError, match="model.focal_on"):
-    rsad.init(config, np.zeros((1, 2, 2, 16), np.float32), jax.random.key(0))
+    rsad.RSAD(config)

@@ -1,9 +1,6 @@
 """SimpleNet's training loss computes the discriminator's first layer in a folded form
-(simplenet.first_layer_outputs); it must be the plain composition D([G(x); G(x) + eps])
+(SimpleNet.first_layer_outputs); it must be the plain composition D([G(x); G(x) + eps])
 of the paper and the reference code: same loss, same gradients, same BatchNorm statistics."""
-
-import os
-import sys
 
 import jax
 import jax.numpy as jnp
@@ -11,15 +8,14 @@ import numpy as np
 import pytest
 from flax import traverse_util
 
-sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs"))
-import simplenet as simplenet_config  # noqa: E402
-
-from adjax.methods import common, simplenet  # noqa: E402
+from adjax.methods import common, simplenet
+from configs import simplenet as simplenet_config
 
 
 def plain_loss(config, params, batch_stats, features, key):
   """The reference formulation: adapt, add noise, one discriminator call on [true; fake]."""
-  adaptor, discriminator = simplenet._model(config)
+  method = simplenet.SimpleNet(config)
+  adaptor, discriminator = method.adaptor, method.discriminator
   true = adaptor.apply({"params": params["adaptor"]}, features.reshape(-1, features.shape[-1]))
   fake = true + config.model.noise_std * jax.random.normal(key, true.shape, true.dtype)
   scores, updates = discriminator.apply({"params": params["discriminator"], "batch_stats": batch_stats},
@@ -35,11 +31,12 @@ def test_folded_first_layer_equals_the_plain_composition(adaptor_layers):
   config.model.adaptor_layers, config.model.dsc_hidden = adaptor_layers, (48,)
   config.model.noise_std = 0.3  # large enough that the fake half matters to the loss
   features = np.random.default_rng(0).normal(0, 0.5, size=(3, 5, 5, 32)).astype(np.float32)
-  state = simplenet.init(config, features, jax.random.key(0))
+  method = simplenet.SimpleNet(config)
+  state = method.init({"features": features}, jax.random.key(0))
   key = jax.random.key(7)
 
-  (folded, (folded_stats, _)), folded_grads = jax.value_and_grad(simplenet.loss_fn, argnums=1, has_aux=True)(
-      config, state["params"], state["batch_stats"], features, key)
+  (folded, (folded_stats, _)), folded_grads = jax.value_and_grad(method.loss_fn, argnums=0, has_aux=True)(
+      state["params"], state["batch_stats"], features, key)
   (plain, plain_stats), plain_grads = jax.value_and_grad(plain_loss, argnums=1, has_aux=True)(
       config, state["params"], state["batch_stats"], features, key)
 

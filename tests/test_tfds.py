@@ -10,8 +10,9 @@ import pytest
 
 tfds = pytest.importorskip("tensorflow_datasets", reason="needs the [tfds] extra")
 
-from adjax.data import tfds_builders, transforms  # noqa: E402
 from conftest import require_bottle  # noqa: E402
+
+from adjax.data import tfds_builders, transforms  # noqa: E402
 
 
 def test_mvtec_builder_from_archive_reads_back_identical_pixels(tmp_path):

@@ -11,18 +11,16 @@ import jax
 import numpy as np
 import pytest
 
-sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs"))
-import rsad as rsad_config  # noqa: E402
-import simplenet as simplenet_config  # noqa: E402
-
-from adjax import train  # noqa: E402
-from adjax.methods import rsad, simplenet  # noqa: E402
+from adjax import caches, compile_ahead, evaluate, train
+from adjax.methods import rsad, simplenet
+from configs import rsad as rsad_config
+from configs import simplenet as simplenet_config
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 class ArraySource:
-  """A FeatureSource over fixed random features (what the cache would hold)."""
+  """A caches.TrainingSet over fixed random features (what the cache would hold)."""
 
   def __init__(self, features, fail_in_epoch=None):
     self.features, self.records, self.fail_in_epoch = features, list(range(len(features))), fail_in_epoch
@@ -50,23 +48,25 @@ def features(n=10, size=4, channels=16, seed=0):
   return np.random.default_rng(seed).normal(0, 0.3, size=(n, size, size, channels)).astype(np.float32)
 
 
-@pytest.mark.parametrize("module,config_module,variant", [
-    (simplenet, simplenet_config, ""), (rsad, rsad_config, ""), (rsad, rsad_config, "fc")])
-def test_one_train_step_reduces_the_loss(module, config_module, variant):
-  config = tiny_config(config_module, variant)
+@pytest.mark.parametrize("cls,config_module,variant", [
+    (simplenet.SimpleNet, simplenet_config, ""), (rsad.RSAD, rsad_config, ""), (rsad.RSAD, rsad_config, "aligner=fc")])
+def test_one_train_step_reduces_the_loss(cls, config_module, variant):
+  method = cls(tiny_config(config_module, variant))
   f = features()
-  state = module.init(config, f, jax.random.key(0))
+  state = method.init({"features": f[:1]}, jax.random.key(0))
   batch = {"features": f, "subclass": np.zeros(len(f), np.int32)}
   key = jax.random.key(3)
-  before = module.loss_fn(config, state["params"], state["batch_stats"], f, key)[0]
-  new_state, _ = jax.jit(lambda s, b, k: module.train_step(config, s, b, k))(state, batch, key)
-  after = module.loss_fn(config, new_state["params"], state["batch_stats"], f, key)[0]
+  before = method.loss_fn(state["params"], state["batch_stats"], f, key)[0]
+  new_state, _ = jax.jit(method.train_step)(state, batch, key)
+  after = method.loss_fn(new_state["params"], state["batch_stats"], f, key)[0]
   assert float(after) < float(before)
 
 
-def _train(config, module, source, workdir, seed=0):
-  state = module.init(config, source.features[:1], jax.random.key(seed))
-  return train.train_gradient(config, module, source, state, jax.random.key(seed + 1), str(workdir), "cat")
+def _train(config, source, workdir, seed=0):
+  method = simplenet.SimpleNet(config)
+  state = method.init({"features": source.features[:1]}, jax.random.key(seed))
+  step = train.make_train_step(method, method.normalisation(None))
+  return train.train_gradient(config, step, source, state, jax.random.key(seed + 1), str(workdir), "cat")
 
 
 def _flat(state):
@@ -99,10 +99,10 @@ def test_checkpoints_keep_a_minimum_interval_and_the_last_epoch_is_always_saved(
   config = tiny_config(simplenet_config)  # checkpoint_every 1, 4 epochs
   f = features()
   config.train.checkpoint_min_seconds = 3600.0
-  _train(config, simplenet, ArraySource(f), tmp_path / "spaced")
+  _train(config, ArraySource(f), tmp_path / "spaced")
   assert sorted(os.listdir(tmp_path / "spaced" / "checkpoints" / "cat")) == ["3"]
   config.train.checkpoint_min_seconds = 0.0
-  _train(config, simplenet, ArraySource(f), tmp_path / "every")
+  _train(config, ArraySource(f), tmp_path / "every")
   assert sorted(os.listdir(tmp_path / "every" / "checkpoints" / "cat")) == ["2", "3"]  # max_to_keep 2
   for key, value in (("checkpoint_min_seconds", -1.0), ("checkpoint_every", 0)):
     bad = tiny_config(simplenet_config)
@@ -114,12 +114,12 @@ def test_checkpoints_keep_a_minimum_interval_and_the_last_epoch_is_always_saved(
 def test_interrupted_run_resumes_to_the_same_parameters(tmp_path):
   config = tiny_config(simplenet_config)
   f = features()
-  uninterrupted = _train(config, simplenet, ArraySource(f), tmp_path / "a")
+  uninterrupted = _train(config, ArraySource(f), tmp_path / "a")
   with pytest.raises(KeyboardInterrupt):
-    _train(config, simplenet, ArraySource(f, fail_in_epoch=2), tmp_path / "b")  # dies inside epoch 3
+    _train(config, ArraySource(f, fail_in_epoch=2), tmp_path / "b")  # dies inside epoch 3
   assert sorted(os.listdir(tmp_path / "b" / "checkpoints" / "cat")) [-1] == "1"  # last finished epoch
   resumed_source = ArraySource(f)
-  resumed = _train(config, simplenet, resumed_source, tmp_path / "b")
+  resumed = _train(config, resumed_source, tmp_path / "b")
   assert resumed_source.calls == 2  # only epochs 3 and 4 ran again
   for a, b in zip(_flat(uninterrupted), _flat(resumed)):
     np.testing.assert_array_equal(a, b)
@@ -130,10 +130,10 @@ def test_more_epochs_continue_from_a_finished_run(tmp_path):
   config = tiny_config(simplenet_config)
   f = features()
   config.train.epochs = 2
-  _train(config, simplenet, ArraySource(f), tmp_path / "w")
+  _train(config, ArraySource(f), tmp_path / "w")
   config.train.epochs = 4
-  continued = _train(config, simplenet, ArraySource(f), tmp_path / "w")
-  straight = _train(config, simplenet, ArraySource(f), tmp_path / "fresh")
+  continued = _train(config, ArraySource(f), tmp_path / "w")
+  straight = _train(config, ArraySource(f), tmp_path / "fresh")
   for a, b in zip(_flat(continued), _flat(straight)):
     np.testing.assert_array_equal(a, b)
 
@@ -145,18 +145,19 @@ _DATA_PARALLEL_SCRIPT = textwrap.dedent("""
       jax.distributed.initialize({address!r}, num_processes={processes}, process_id=int(sys.argv[1]))
     sys.path.insert(0, {tests!r})
     from test_training import ArraySource, tiny_config, features, _train, _flat
-    import simplenet as simplenet_config
+    from configs import simplenet as simplenet_config
     from adjax.methods import simplenet
     config = tiny_config(simplenet_config)
     config.train.batch_size = 8
     config.train.epochs = 2
     # 20 images, batch 8: two sharded batches and a last batch of 4 (sharded on 2 and 4
     # devices, replicated on 8).
-    state = _train(config, simplenet, ArraySource(features(n=20)), {workdir!r})
+    state = _train(config, ArraySource(features(n=20)), {workdir!r})
     if jax.process_index() == 0:
       from flax import traverse_util
       flat = traverse_util.flatten_dict(jax.device_get(state["params"]), sep="/")
-      scores, maps = simplenet.score(config, jax.device_get(state), features(n=5, seed=9))
+      method = simplenet.SimpleNet(config)
+      scores, maps = method.score(jax.device_get(state), {{"features": features(n=5, seed=9)}}, (4, 4))
       np.savez({out!r}, scores=np.asarray(scores), maps=np.asarray(maps),
                **{{k: np.asarray(v) for k, v in flat.items()}})
     print(json.dumps({{"devices": jax.device_count(), "processes": jax.process_count()}}))
@@ -174,7 +175,7 @@ def _run_data_parallel(tmp_path, processes, devices_per_process):
   script = _DATA_PARALLEL_SCRIPT.format(
       tests=os.path.dirname(__file__), workdir=str(tmp_path / name), out=str(tmp_path / f"{name}.npz"),
       processes=processes, address=f"localhost:{_free_port()}")
-  env = {**os.environ, "XLA_FLAGS": f"--xla_force_host_platform_device_count={devices_per_process}"}
+  env = {**os.environ, "XLA_FLAGS": f"--xla_force_host_platform_device_count={devices_per_process}", "PYTHONPATH": ROOT}
   running = [subprocess.Popen([sys.executable, "-c", script, str(i)], env=env, cwd=ROOT, stdout=subprocess.PIPE,
                               stderr=subprocess.PIPE, text=True) for i in range(processes)]
   for process in running:
@@ -206,23 +207,22 @@ def test_data_parallel_training_matches_one_device(tmp_path, one_device_run, pro
 
 
 def test_cached_and_recomputed_features_train_identically(tmp_path, synthetic_root):
-  from adjax.backbones.patch_features import make_feature_fn
   from adjax.data import datasets
   config = tiny_config(simplenet_config)
   config.data.image_size = config.data.crop_size = 64
   config.train.epochs, config.train.batch_size = 2, 3
-  root = synthetic_root
-  records = datasets.read_split("synthetic", root, "metal").train[:7]
-  feature_fn = make_feature_fn(config.model)
+  records = datasets.read_split("synthetic", synthetic_root, "metal").train[:7]
+  method = simplenet.SimpleNet(config)
+  extractor = method.make_extractor()
+  normalisation = method.normalisation(extractor)
   params = {}
   for cached in (True, False):
     config.train.cache_features = cached
-    source = train.FeatureSource(config, feature_fn, records, ["brushed_steel"])
-    assert (source.features is not None) == cached
-    sample = next(source.epoch(np.arange(1), 1))["features"]
-    state = simplenet.init(config, np.asarray(sample), jax.random.key(0))
-    state = train.train_gradient(config, simplenet, source, state, jax.random.key(1), str(tmp_path / str(cached)),
-                                 "metal")
+    source = caches.TrainingSet(config, method, extractor, records, ["brushed_steel"], normalisation)
+    assert ("features" in source.device) == cached and source.recompute_features != cached
+    state = method.init(source.sample(), jax.random.key(0))
+    step = train.make_train_step(method, normalisation)
+    state = train.train_gradient(config, step, source, state, jax.random.key(1), str(tmp_path / str(cached)), "metal")
     params[cached] = _named(state)
   assert_same_training(params[True], params[False])
 
@@ -230,19 +230,17 @@ def test_cached_and_recomputed_features_train_identically(tmp_path, synthetic_ro
 def test_padded_short_last_batch_scores_as_if_alone(synthetic_root):
   # score_dataset pads a short last batch with zero images (one compiled shape); the real
   # images' scores and maps must be those of scoring each image on its own.
-  from adjax import evaluate
-  from adjax.backbones.patch_features import make_feature_fn
   from adjax.data import datasets
   config = tiny_config(simplenet_config)
   config.data.image_size = config.data.crop_size = 64
   records = datasets.read_split("synthetic", synthetic_root, "metal").test[:5]
-  feature_fn = make_feature_fn(config.model)
-  sample = feature_fn(np.zeros((1, 64, 64, 3), np.float32))
-  state = simplenet.init(config, np.asarray(sample), jax.random.key(0))
+  method = simplenet.SimpleNet(config)
+  extractor = method.make_extractor()
+  state = method.init({"features": extractor(np.zeros((1, 64, 64, 3), np.float32))}, jax.random.key(0))
   scored = {}
   for batch_size in (3, 1):
     config.eval.batch_size = batch_size
-    scored[batch_size] = evaluate.score_dataset(config, simplenet, state, feature_fn, records, "scoring")
+    scored[batch_size] = evaluate.score_dataset(config, method, state, extractor, records, "scoring")
   assert len(scored[3]["scores"]) == len(records)
   np.testing.assert_allclose(scored[3]["scores"], scored[1]["scores"], rtol=1e-5, atol=1e-6)
   np.testing.assert_allclose(scored[3]["maps"], scored[1]["maps"], rtol=1e-5, atol=1e-6)
@@ -251,15 +249,14 @@ def test_padded_short_last_batch_scores_as_if_alone(synthetic_root):
 def test_scoring_program_takes_the_backbone_weights_as_arguments():
   # Closed over, the weights become constants inside the compiled program (a 92 MB cache
   # entry for WideResNet50, twice the compile time); passed in, the program text stays small.
-  from adjax import evaluate
-  from adjax.backbones.patch_features import make_feature_fn
   config = tiny_config(simplenet_config)
-  feature_fn = make_feature_fn(config.model)
+  method = simplenet.SimpleNet(config)
+  extractor = method.make_extractor()
   images = np.zeros((1, 64, 64, 3), np.float32)
-  state = simplenet.init(config, np.asarray(feature_fn(images)), jax.random.key(0))
-  weight_bytes = sum(a.nbytes for a in jax.tree.leaves(feature_fn.variables))
+  state = method.init({"features": extractor(images)}, jax.random.key(0))
+  weight_bytes = sum(a.nbytes for a in jax.tree.leaves(extractor.variables))
   assert weight_bytes > 1e6
-  program = evaluate.make_scorer(config, simplenet, feature_fn).lower(state, feature_fn.variables, images).as_text()
+  program = evaluate.make_scorer(config, method, extractor).lower(state, extractor.variables, images).as_text()
   assert len(program) < weight_bytes / 10, (len(program), weight_bytes)
 
 
@@ -270,23 +267,24 @@ def test_training_compiles_ahead_one_step_program_per_batch_size(synthetic_root,
   # its calls' shapes, shardings or weak types), and the results must not change.
   import dataclasses
   import logging
-  from adjax.backbones.patch_features import make_feature_fn
+
   from adjax.data import datasets
   config = tiny_config(simplenet_config)
   config.data.image_size = config.data.crop_size = 64
   config.train.epochs, config.train.batch_size = 2, 3
   split = datasets.read_split("synthetic", synthetic_root, "metal")
   split = dataclasses.replace(split, train=split.train[:7])
-  feature_fn = make_feature_fn(config.model)
-  assert train.training_batch_sizes(7, 3) == [1, 3] and train.training_batch_sizes(6, 3) == [3]
-  assert train.training_batch_sizes(2, 3) == [2]
+  method = simplenet.SimpleNet(config)
+  extractor = method.make_extractor()
+  sizes = compile_ahead.training_batch_sizes
+  assert sizes(7, 3) == [1, 3] and sizes(6, 3) == [3] and sizes(2, 3) == [2]
   futures = []
-  precompile = train.precompile_training
-  monkeypatch.setattr(train, "precompile_training", lambda *a: futures.append(precompile(*a)) or futures[-1])
+  precompile = compile_ahead.start
+  monkeypatch.setattr(compile_ahead, "start", lambda *a: futures.append(precompile(*a)) or futures[-1])
   caplog.set_level(logging.WARNING)
   jax.config.update("jax_log_compiles", True)  # globally: the context manager is thread-local
   try:
-    ahead = train.fit_category(config, simplenet, feature_fn, split, jax.random.key(0), str(tmp_path / "ahead"))
+    ahead = train.fit_category(config, method, extractor, split, jax.random.key(0), str(tmp_path / "ahead"))
   finally:
     jax.config.update("jax_log_compiles", False)
   assert len(futures) == 1 and futures[0].result() is True
@@ -295,8 +293,8 @@ def test_training_compiles_ahead_one_step_program_per_batch_size(synthetic_root,
   late_gathers = [r.threadName for r in caplog.records if "Compiling jit(adjax_gather_batch)" in r.getMessage()
                   and not r.threadName.startswith("adjax-precompile")]
   assert not late_gathers, late_gathers
-  monkeypatch.setattr(train, "precompile_training", lambda *a: None)
-  plain = train.fit_category(config, simplenet, feature_fn, split, jax.random.key(0), str(tmp_path / "plain"))
+  monkeypatch.setattr(compile_ahead, "start", lambda *a: None)
+  plain = train.fit_category(config, method, extractor, split, jax.random.key(0), str(tmp_path / "plain"))
   assert_same_training(_named(ahead), _named(plain))
 
 
@@ -305,22 +303,25 @@ def test_bfloat16_feature_cache_yields_rounded_float32_batches(synthetic_root):
   # train.feature_cache_device_mb) on the host; batches stay float32, equal to the float32
   # features rounded to bfloat16. An unknown dtype is refused by name.
   import jax.numpy as jnp
+
   from adjax import configlib
-  from adjax.backbones.patch_features import make_feature_fn
   from adjax.data import datasets
   from adjax.errors import ConfigError
   config = tiny_config(simplenet_config)
   config.data.image_size = config.data.crop_size = 64
   records = datasets.read_split("synthetic", synthetic_root, "metal").train[:5]
-  feature_fn = make_feature_fn(config.model)
-  exact = train.FeatureSource(config, feature_fn, records, ["brushed_steel"]).all_features()
+  method = simplenet.SimpleNet(config)
+  extractor = method.make_extractor()
+  normalisation = method.normalisation(extractor)
+  exact = caches.TrainingSet(config, method, extractor, records, ["brushed_steel"], normalisation).all_features()
   order = np.array([4, 1, 3])
   expected = exact[order].astype(jnp.bfloat16).astype(np.float32)
   config.train.feature_cache_dtype = "bfloat16"
   for device_mb, on_device in ((4096, True), (0, False)):
     config.train.feature_cache_device_mb = device_mb
-    source = train.FeatureSource(config, feature_fn, records, ["brushed_steel"])
-    assert isinstance(source.features, jax.Array) == on_device and source.features.dtype == jnp.bfloat16
+    source = caches.TrainingSet(config, method, extractor, records, ["brushed_steel"], normalisation)
+    cached = source.device["features"] if on_device else source.host["features"]
+    assert isinstance(cached, jax.Array) == on_device and cached.dtype == jnp.bfloat16
     batch = next(source.epoch(order, 3))["features"]
     assert batch.dtype == np.float32
     np.testing.assert_array_equal(np.asarray(batch), expected)

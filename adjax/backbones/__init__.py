@@ -10,7 +10,7 @@ statistics for torchvision models, [-1, 1] for the TF-ported EfficientNet-Lite w
 
 import dataclasses
 import functools
-from typing import Callable, Sequence
+from collections.abc import Callable, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -99,7 +99,7 @@ def make_extractor(name: str, taps: Sequence[str], weights: str = "imagenet", dt
   if dtype != jnp.float32:
     variables = jax.tree.map(lambda v: v.astype(dtype), variables)
   # Converted weights load as host (numpy) arrays; passed as such, every call would copy all
-  # of them to an accelerator again (on an H100 this made Lite0 ~10x slower than its kernels).
+  # of them to an accelerator again (benchmarks/README.md has what that cost).
   # Uncommitted device arrays stay free to follow the inputs' placement.
   variables = jax.device_put(variables)
   extract = jax.jit(lambda variables, images: module.apply(variables, images.astype(dtype)))

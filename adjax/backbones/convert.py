@@ -7,7 +7,7 @@ Convolutions OIHW -> HWIO, linear (out, in) -> (in, out), BatchNorm weight/bias 
 scale/bias in `params` and running statistics -> mean/var in `batch_stats`.
 """
 
-from typing import Iterable
+from collections.abc import Iterable
 
 import numpy as np
 from flax import traverse_util

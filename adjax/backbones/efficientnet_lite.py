@@ -7,7 +7,7 @@ Taps: stem (stride 2), stage1..stage7 (the output of each block stage: strides 2
 """
 
 import math
-from typing import Sequence
+from collections.abc import Sequence
 
 import flax.linen as nn
 import jax.numpy as jnp

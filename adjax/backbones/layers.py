@@ -6,7 +6,8 @@ Module names follow the torch state-dict path with numeric parts joined by '_'
 """
 
 import math
-from typing import Any, Sequence
+from collections.abc import Sequence
+from typing import Any
 
 import flax.linen as nn
 import jax
@@ -18,10 +19,9 @@ Dtype = Any
 def conv2d(x, kernel, stride: int, padding, groups: int = 1):
   """NHWC convolution with an HWIO kernel, choosing the fastest exact formulation.
 
-  XLA:CPU runs 1x1 convolutions about 2x slower than the same matmul, and depthwise
-  convolutions (feature_group_count = channels) 17-30x slower than a fused sum of
-  shifted multiplies (measured in benchmarks/backbone_throughput.py's notes); the
-  results are the same up to float summation order.
+  XLA:CPU runs 1x1 convolutions slower than the same matmul, and depthwise convolutions
+  (feature_group_count = channels) far slower than a fused sum of shifted multiplies
+  (benchmarks/README.md); the results are the same up to float summation order.
   """
   (pt, pb), (pl, pr) = padding
   k = kernel.shape[0]

@@ -13,7 +13,7 @@ the published code (PatchCore's patch maker, which SimpleNet reuses).
 """
 
 import dataclasses
-from typing import Callable, Sequence
+from collections.abc import Callable, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -70,13 +70,10 @@ def patch_features(feature_maps: Sequence[jax.Array], pretrain_embed_dim: int = 
 
 @dataclasses.dataclass(frozen=True)
 class FeatureExtractor:
-  """Images (B, H, W, 3) -> patch features (B, h, w, C) through the jitted fn(variables, images);
-  `spec` has the input normalisation.
-
-  The frozen weights are passed to the compiled function as arguments, not closed over: closed
-  over, XLA embeds them in the program as constants, which makes compiling slower (on an H100
-  the SimpleNet protocol's set-up before training went from 23.5 to 21.1 s with this change).
-  """
+  """Images (B, H, W, 3) -> features through the jitted fn(variables, images); `spec` has the
+  input normalisation. The frozen weights are an argument of the compiled function, never
+  closed over: XLA would embed them in the program as constants (slower to compile;
+  benchmarks/README.md)."""
   fn: Callable
   variables: object
   spec: object
@@ -87,19 +84,12 @@ class FeatureExtractor:
 
 def make_pair_fn(model_config) -> FeatureExtractor:
   """Raw feature maps of two frozen backbones, {'source': (maps...), 'target': (maps...)}, for
-  methods that map one pretrained feature space onto another (PFM). Both backbones must
-  take the same input normalisation, since they see the same images."""
+  methods that map one pretrained feature space onto another. Both backbones see the same
+  images, so the caller checks that they take the same input normalisation."""
   from adjax import backbones
-  from adjax.errors import ConfigError
   source, target = backbones.get_spec(model_config.source_backbone), backbones.get_spec(model_config.backbone)
-  if (source.mean, source.std) != (target.mean, target.std):
-    raise ConfigError(f"model.source_backbone {source.name} and model.backbone {target.name} expect different "
-                      "input normalisations; pair backbones of the same family (torchvision, or EfficientNet-Lite).")
   dtype = jnp.bfloat16 if model_config.dtype == "bfloat16" else jnp.float32
   source_layers, target_layers = tuple(model_config.source_layers), tuple(model_config.layers)
-  if len(source_layers) != len(target_layers):
-    raise ConfigError(f"model.source_layers {source_layers} and model.layers {target_layers} must name one tap "
-                      "per hierarchy each.")
   weights = model_config.source_weights or model_config.backbone_weights
   extract_s, vars_s = backbones.make_extractor(source.name, source_layers, weights, dtype=dtype)
   extract_t, vars_t = backbones.make_extractor(target.name, target_layers, model_config.backbone_weights,
@@ -115,13 +105,8 @@ def make_pair_fn(model_config) -> FeatureExtractor:
 
 
 def make_feature_fn(model_config) -> FeatureExtractor:
-  """The feature extractor of a config's `model` block: SimpleNet-style patch features, or
-  two backbones' maps when the config names a `source_backbone`.
-
-  The backbone runs in `model.dtype`; patch aggregation and everything after it in float32.
-  """
-  if model_config.get("source_backbone"):
-    return make_pair_fn(model_config)
+  """SimpleNet-style patch features of a config's `model` block. The backbone runs in
+  `model.dtype`; patch aggregation and everything after it in float32."""
   from adjax import backbones
   dtype = jnp.bfloat16 if model_config.dtype == "bfloat16" else jnp.float32
   layers = tuple(model_config.layers)

@@ -3,7 +3,7 @@
 Taps: stem (after max-pool, stride 4), layer1 (4), layer2 (8), layer3 (16), layer4 (32), logits.
 """
 
-from typing import Sequence
+from collections.abc import Sequence
 
 import flax.linen as nn
 import jax.numpy as jnp
@@ -60,7 +60,8 @@ class Bottleneck(nn.Module):
     y = nn.relu(batch_norm(name="bn2", dtype=d)(conv(self.width, 3, self.stride, 1, name="conv2", dtype=d)(y)))
     y = batch_norm(name="bn3", dtype=d)(conv(self.planes * 4, 1, name="conv3", dtype=d)(y))
     if self.downsample:
-      x = batch_norm(name="downsample_1", dtype=d)(conv(self.planes * 4, 1, self.stride, name="downsample_0", dtype=d)(x))
+      shortcut = conv(self.planes * 4, 1, self.stride, name="downsample_0", dtype=d)(x)
+      x = batch_norm(name="downsample_1", dtype=d)(shortcut)
     return nn.relu(y + x)
 
 

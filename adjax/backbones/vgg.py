@@ -5,7 +5,7 @@ pool1..pool5 the max-pool after it (strides 2..32). The fully connected classifi
 not built: adjax only uses VGG as a feature extractor (conversion drops its weights).
 """
 
-from typing import Sequence
+from collections.abc import Sequence
 
 import flax.linen as nn
 import jax.numpy as jnp

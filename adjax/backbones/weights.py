@@ -152,8 +152,8 @@ def load_variables(name: str, weights: str = "imagenet", seed: int = 0) -> dict:
   if weights == "random":
     module = spec.module(taps=spec.taps)
     logging.warning("Backbone %s uses RANDOM weights (model.backbone_weights='random').", name)
-    # One compiled program, not one per initialiser op (WideResNet50 on 2 CPU cores: 10.2 -> 7.6 s,
-    # the same values; the persistent compilation cache then keeps it).
+    # One compiled program, not one per initialiser op: the same values, and the persistent
+    # compilation cache keeps it.
     return jax.jit(module.init)(jax.random.key(seed), jnp.zeros((1, 64, 64, 3), jnp.float32))
   source = _imagenet_file(spec) if weights == "imagenet" else os.path.expanduser(weights)
   if not os.path.exists(source):

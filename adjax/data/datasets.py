@@ -16,7 +16,8 @@ Layouts (one `root`, categories below it):
 import csv
 import dataclasses
 import os
-from typing import Optional
+
+import numpy as np
 
 from adjax.data import transforms
 from adjax.errors import ConfigError, DataError
@@ -30,7 +31,7 @@ class Record:
   path: str
   label: int  # 0 normal, 1 anomalous
   defect_type: str  # 'good' for normal images
-  mask_path: Optional[str]  # None: normal image, or a dataset without masks
+  mask_path: str | None  # None: normal image, or a dataset without masks
   subclass: str = ""  # '' where the dataset has no subclasses
   category: str = ""
 
@@ -42,6 +43,7 @@ class Split:
   train: list
   test: list
   has_masks: bool
+  calibration: list = dataclasses.field(default_factory=list)  # labelled, held out of `test`
 
   @property
   def subclasses(self) -> list:
@@ -53,7 +55,7 @@ class Split:
     return sorted({r.subclass for r in self.test} - seen)
 
 
-def _images_in(folder: str) -> list:
+def images_in(folder: str) -> list:
   return sorted(os.path.join(folder, f) for f in os.listdir(folder)
                 if f.lower().endswith(transforms.IMAGE_EXTENSIONS) and not f.startswith("."))
 
@@ -63,7 +65,7 @@ def _require_dir(path: str, what: str, fix: str) -> None:
     raise DataError(f"The {what} folder {path} does not exist. {fix}")
 
 
-def _find_mask(mask_dir: str, stem: str, image_path: str, required: bool) -> Optional[str]:
+def _find_mask(mask_dir: str, stem: str, image_path: str, required: bool) -> str | None:
   for name in (f"{stem}_mask", stem):
     for ext in (".png", ".bmp", ".tif", ".tiff", ".jpg"):
       candidate = os.path.join(mask_dir, name + ext)
@@ -81,7 +83,7 @@ def _test_records(category_dir: str, category: str, subclass: str, has_masks: bo
   gt_dir = os.path.join(category_dir, "ground_truth")
   test = []
   for defect in sorted(d for d in os.listdir(test_dir) if os.path.isdir(os.path.join(test_dir, d))):
-    for p in _images_in(os.path.join(test_dir, defect)):
+    for p in images_in(os.path.join(test_dir, defect)):
       if defect in NORMAL_DIRS:
         test.append(Record(p, 0, "good", None, subclass, category))
       else:
@@ -99,7 +101,7 @@ def _mvtec_like(category_dir: str, category: str, subclass: str = "", normal: st
   train_dir = os.path.join(category_dir, "train", normal)
   if train_required:
     _require_dir(train_dir, "training", fix)
-  train = [Record(p, 0, "good", None, subclass, category) for p in _images_in(train_dir)] \
+  train = [Record(p, 0, "good", None, subclass, category) for p in images_in(train_dir)] \
       if os.path.isdir(train_dir) else []
   _require_dir(os.path.join(category_dir, "test"), "test", fix)
   has_masks = masks == "required" or os.path.isdir(os.path.join(category_dir, "ground_truth"))
@@ -192,3 +194,21 @@ def validate(split: Split) -> None:
         raise DataError(f"The mask {record.mask_path} is {mask_size[0]}x{mask_size[1]} but its image "
                         f"{record.path} is {size[0]}x{size[1]}. Masks must have their image's size: "
                         "replace the mask with one of the right size.")
+
+
+def hold_out_calibration(split: Split, fraction: float, seed: int) -> Split:
+  """`split` with `fraction` of its test images, of each label, moved to `calibration` (seeded,
+  at least one per label present): a labelled split for methods that fit a calibration after
+  training, never scored as test."""
+  rng = np.random.default_rng([seed, 7])
+  held = set()
+  for label in (0, 1):
+    members = [i for i, r in enumerate(split.test) if r.label == label]
+    if members:
+      count = min(len(members) - 1, max(1, int(round(fraction * len(members)))))
+      held.update(int(i) for i in rng.choice(members, count, replace=False))
+  if not held:
+    raise DataError(f"Category {split.category}: too few test images to hold out a calibration split "
+                    f"(data.calibration_fraction={fraction}); add labelled images or lower the fraction.")
+  return dataclasses.replace(split, test=[r for i, r in enumerate(split.test) if i not in held],
+                             calibration=[r for i, r in enumerate(split.test) if i in held])

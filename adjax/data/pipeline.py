@@ -1,7 +1,7 @@
 """grain input pipelines: records -> decoded, resized, cropped, normalised, batched arrays.
 
 Each element is a dict of numpy arrays:
-  image (H, W, 3) float32, normalised with the backbone's mean/std
+  image (H, W, 3) float32, normalised with the given mean/std (uint8 pixels when mean is None)
   mask  (H, W) float32 in {0, 1} (zeros where there is no mask)
   label () int32, index () int32 (position in the record list), subclass () int32
 Shuffling is deterministic from (seed, epoch). For multi-host runs each JAX process
@@ -10,12 +10,12 @@ reads its own shard (`shard_index`/`shard_count`, by default this process's).
 
 import dataclasses
 import os
-from typing import Optional, Sequence
+from collections.abc import Sequence
 
 import grain
-from absl import flags
 import jax
 import numpy as np
+from absl import flags
 
 from adjax.data import transforms
 from adjax.data.datasets import Record
@@ -46,19 +46,19 @@ class Preprocess:
 
 def make_dataset(records: Sequence[Record], *, image_size: int, crop_size: int, mean, std, batch_size: int,
                  shuffle: bool = False, seed: int = 0, epoch: int = 0, drop_remainder: bool = False,
-                 worker_count: int = 0, subclass_ids: Sequence[str] = (), shard_index: Optional[int] = None,
-                 shard_count: Optional[int] = None) -> grain.IterDataset:
+                 worker_count: int = 0, subclass_ids: Sequence[str] = (), shard_index: int | None = None,
+                 shard_count: int | None = None) -> grain.IterDataset:
   shard_index = jax.process_index() if shard_index is None else shard_index
   shard_count = jax.process_count() if shard_count is None else shard_count
-  preprocess = Preprocess(tuple(records), image_size, crop_size, tuple(mean), tuple(std), tuple(subclass_ids))
+  preprocess = Preprocess(tuple(records), image_size, crop_size, None if mean is None else tuple(mean),
+                          None if std is None else tuple(std), tuple(subclass_ids))
   indices = grain.MapDataset.range(len(records))
   if shuffle:
     indices = indices.shuffle(seed=seed + 1_000_003 * epoch)
   indices = indices[shard_index::shard_count]
   if worker_count == 0:
     # Decode single images on threads, batch after: PIL releases the GIL while decoding and
-    # resizing, so this scales with the cores (a 900x900 PNG takes ~25 ms; bottle's 209
-    # training images take 5 s on one thread). Batching first would decode a batch's images
+    # resizing, so this scales with the cores; batching first would decode a batch's images
     # one after another on one thread.
     threads = decode_threads()
     return indices.map(preprocess).to_iter_dataset(

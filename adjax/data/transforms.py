@@ -88,9 +88,19 @@ def _center_crop(array: np.ndarray, crop: int) -> np.ndarray:
 
 
 def preprocess_image(image: Image.Image, image_size: int, crop_size: int, mean, std) -> np.ndarray:
+  """Resized, cropped and normalised float32 (H, W, 3); with mean=None the uint8 pixels instead
+  (the same resize and crop: normalise_uint8 of them is this function's float result)."""
   image = _resize_shorter(to_rgb(image), image_size, Image.BILINEAR)
+  if mean is None:
+    return _center_crop(np.asarray(image, dtype=np.uint8), crop_size)
   array = _center_crop(np.asarray(image, dtype=np.float32) / 255.0, crop_size)
   return ((array - np.asarray(mean, np.float32)) / np.asarray(std, np.float32)).astype(np.float32)
+
+
+def normalise_uint8(images, mean, std, xp=np):
+  """preprocess_image's normalisation of uint8 pixels, in numpy or (xp=jax.numpy) on the device."""
+  array = images.astype(xp.float32) / 255.0
+  return (array - xp.asarray(mean, xp.float32)) / xp.asarray(std, xp.float32)
 
 
 def preprocess_mask(mask: np.ndarray, image_size: int, crop_size: int) -> np.ndarray:

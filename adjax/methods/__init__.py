@@ -1,29 +1,37 @@
-"""Methods. Each module under adjax/methods implements the same small interface:
-
-  init(config, train_features, key, num_subclasses=1) -> state
-      state: a pytree (params, optimiser state, statistics...). `train_features` are the
-      frozen-backbone patch features of the training set, (N, H, W, C), the only thing a
-      method sees of the data.
-  score(config, state, features) -> (image_scores (B,), patch_maps (B, H, W))
-      pure and jittable; higher = more anomalous.
-Methods trained by gradient descent add
-  train_step(config, state, batch, key) -> (state, metrics)
-      pure; batch = {'features': (B, H, W, C), 'subclass': (B,)}; train.py jits it over a
-      data-parallel device mesh, feeds cached features and checkpoints `state`.
-`init` then receives only a sample of the features (for shapes). Optional hooks:
-  assign_subclasses(config, features, subclass, key) -> subclass   before training
-  finalize(config, state, batches) -> state                        after training
-Methods know nothing about files, datasets or reports.
-"""
+"""Methods: one module per method, each a `base.Method` subclass (the protocol is documented
+in adjax/methods/base.py). The loop finds them here by `model.name`."""
 
 import importlib
 
 from adjax.errors import ConfigError
 
-METHODS = ("patch_knn", "simplenet", "rsad", "adapted_moe", "pfm")
+# model.name -> "module:Class" under adjax.methods; `register` adds others (e.g. tests' toy methods).
+_REGISTRY = {
+    "patch_knn": "patch_knn:PatchKNN",
+    "simplenet": "simplenet:SimpleNet",
+    "rsad": "rsad:RSAD",
+    "adapted_moe": "adapted_moe:AdaptedMoE",
+    "pfm": "pfm:PFM",
+}
+METHODS = tuple(_REGISTRY)
+
+
+def register(name: str, cls) -> None:
+  """Makes `cls` (a base.Method subclass) available as model.name=`name`."""
+  _REGISTRY[name] = cls
 
 
 def get(name: str):
-  if name not in METHODS:
-    raise ConfigError(f"Unknown method '{name}' in model.name. Available: {', '.join(METHODS)}.")
-  return importlib.import_module(f"adjax.methods.{name}")
+  """The method class registered as `name`."""
+  if name not in _REGISTRY:
+    raise ConfigError(f"Unknown method '{name}' in model.name. Available: {', '.join(_REGISTRY)}.")
+  entry = _REGISTRY[name]
+  if isinstance(entry, str):
+    module, _, cls = entry.partition(":")
+    entry = getattr(importlib.import_module(f"adjax.methods.{module}"), cls)
+  return entry
+
+
+def build(config):
+  """The method of config.model.name, built from `config` (its keys checked first)."""
+  return get(config.model.name)(config)

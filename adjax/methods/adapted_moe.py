@@ -37,7 +37,8 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from adjax.methods import common, simplenet
+from adjax.errors import ConfigError
+from adjax.methods import base, common, simplenet
 
 
 def _l2(x, axis=-1):
@@ -59,52 +60,6 @@ class RoutingNet(nn.Module):
     return x, logits
 
 
-def num_experts(config, num_subclasses: int) -> int:
-  return max(1, num_subclasses) if config.model.moe else 1
-
-
-def _modules(config, experts):
-  m = config.model
-  width = m.routing_width or m.target_embed_dim
-  return (simplenet.Adaptor(m.adaptor_layers), RoutingNet(width, experts, m.norm),
-          common.Discriminator(tuple(m.dsc_hidden)))
-
-
-def _optimizer(config):
-  m = config.model
-  adam = lambda lr, wd: optax.chain(optax.add_decayed_weights(wd), optax.adam(lr))
-  return optax.multi_transform({
-      "adaptor": optax.adamw(m.adaptor_lr, weight_decay=m.adaptor_weight_decay),
-      "routing": adam(m.routing_lr, m.dsc_weight_decay),
-      "experts": adam(m.dsc_lr, m.dsc_weight_decay),
-  }, {"adaptor": "adaptor", "routing": "routing", "experts": "experts"})
-
-
-def init(config, train_features, key, num_subclasses=1):
-  e = num_experts(config, num_subclasses)
-  adaptor, routing, expert = _modules(config, e)
-  c = train_features.shape[-1]
-  k_adaptor, k_routing, k_experts = jax.random.split(key, 3)
-  sample = jnp.zeros((1,) + tuple(train_features.shape[1:]), jnp.float32)
-  expert_vars = jax.vmap(lambda k: expert.init(k, jnp.zeros((2, c)), train=False))(jax.random.split(k_experts, e))
-  params = {"adaptor": adaptor.init(k_adaptor, jnp.zeros((2, c)))["params"],
-            "routing": routing.init(k_routing, sample)["params"],
-            "experts": expert_vars["params"]}
-  width = config.model.routing_width or config.model.target_embed_dim
-  return {"params": params, "batch_stats": expert_vars["batch_stats"], "opt_state": _optimizer(config).init(params),
-          "centers": jnp.zeros((e, width), jnp.float32),
-          "expert_mean": jnp.zeros((e, c), jnp.float32), "expert_std": jnp.ones((e, c), jnp.float32),
-          "step": jnp.zeros((), jnp.int32)}
-
-
-def _expert_inputs(config, params, features):
-  """The shared adaptor's output for every patch, (B, HW, C)."""
-  adaptor = simplenet.Adaptor(config.model.adaptor_layers)
-  b, h, w, c = features.shape
-  q = adaptor.apply({"params": params["adaptor"]}, features.reshape(b, h * w, c))
-  return q
-
-
 def apply_expert(expert, params, stats, x, train):
   """One expert on patch features x (N, C) with its own parameters and BatchNorm statistics."""
   if train:
@@ -119,50 +74,6 @@ def center_update(centers, embeddings, labels, rate):
   counts = onehot.sum(axis=0)
   delta = (counts[:, None] * centers - onehot.T @ embeddings) / (1.0 + counts[:, None])
   return centers - rate * delta
-
-
-def routing_loss(config, embeddings, logits, centers, labels):
-  m = config.model
-  ce = optax.softmax_cross_entropy_with_integer_labels(logits, labels).mean()
-  if m.routing_loss == "softmax":
-    return ce, ce, jnp.zeros(())
-  center = jnp.mean(jnp.sum((embeddings - centers[labels]) ** 2, axis=-1))
-  return m.center_alpha * center + (1 - m.center_alpha) * ce, ce, center
-
-
-def loss_fn(config, params, state, features, labels, key):
-  m = config.model
-  e = state["centers"].shape[0]
-  expert = common.Discriminator(tuple(m.dsc_hidden))
-  q = _expert_inputs(config, params, features)
-  fake = q + m.noise_std * jax.random.normal(key, q.shape, q.dtype)
-  true = q
-  if m.norm:  # the reference normalises after adding the noise
-    true, fake = _l2(true), _l2(fake)
-  experts = labels if m.moe else jnp.zeros_like(labels)
-  per_image_params = jax.tree.map(lambda p: p[experts], params["experts"])
-  per_image_stats = jax.tree.map(lambda s: s[experts], state["batch_stats"])
-
-  def one_image(p, s, t, f):
-    scores, new_stats = apply_expert(expert, p, s, jnp.concatenate([t, f]), train=True)
-    t_scores, f_scores = jnp.split(scores, 2)
-    return common.truncated_l1(t_scores, f_scores, m.th_pos, m.th_neg), new_stats, t_scores, f_scores
-
-  losses, new_stats, t_scores, f_scores = jax.vmap(one_image)(per_image_params, per_image_stats, true, fake)
-  expert_loss = losses.mean()  # the reference: sum over images / batch size
-  aux = {"expert_loss": expert_loss, "p_true": jnp.mean(t_scores >= m.th_pos),
-         "p_fake": jnp.mean(f_scores < m.th_neg)}
-  loss = expert_loss
-  embeddings = jnp.zeros((features.shape[0], state["centers"].shape[1]))
-  if m.moe and e > 1:
-    _, routing_net, _ = _modules(config, e)
-    embeddings, logits = routing_net.apply({"params": params["routing"]}, features)
-    r_loss, ce, center = routing_loss(config, embeddings, logits, state["centers"], labels)
-    loss = loss + r_loss  # eq. 3
-    aux.update(routing_loss=r_loss, routing_ce=ce, center_loss=center,
-               routing_accuracy=jnp.mean(jnp.argmax(logits, -1) == labels))
-  aux["loss"] = loss
-  return loss, (aux, new_stats, experts, embeddings)
 
 
 def _merge_expert_stats(old, new_per_image, experts, e):
@@ -188,100 +99,197 @@ def _keep_untouched_experts(new, old, touched):
   return jax.tree_util.tree_map_with_path(select, new, old)
 
 
-def train_step(config, state, batch, key):
-  e = state["centers"].shape[0]
-  labels = batch["subclass"]
-  grad_fn = jax.value_and_grad(loss_fn, argnums=1, has_aux=True)
-  (_, (metrics, new_stats, experts, embeddings)), grads = grad_fn(
-      config, state["params"], state, batch["features"], labels, key)
-  updates, opt_state = _optimizer(config).update(grads, state["opt_state"], state["params"])
-  params = optax.apply_updates(state["params"], updates)
-  batch_stats, touched = _merge_expert_stats(state["batch_stats"], new_stats, experts, e)
-  params = _keep_untouched_experts(params, state["params"], touched)
-  opt_state = _keep_untouched_experts(opt_state, state["opt_state"], touched)
-  centers = state["centers"]
-  if config.model.moe and e > 1 and config.model.routing_loss == "center":
-    centers = center_update(centers, jax.lax.stop_gradient(embeddings), labels, config.model.center_lr)
-  return {**state, "params": params, "batch_stats": batch_stats, "opt_state": opt_state, "centers": centers,
-          "step": state["step"] + 1}, metrics
-
-
 def test_time_adapt(q, mean, std):
   """eq. 5-6: (q - mean(q)) * std_k / std(q) + c_k over the image's patches, then L2-normalise."""
   shifted = (q - q.mean(axis=0)) * (std / (q.std(axis=0, ddof=1) + 1e-12)) + mean
   return _l2(shifted), shifted
 
 
-def route(config, state, features):
-  """(top-k expert indices (B, k), their weights (B, k)) by cosine similarity to the centers."""
-  e = state["centers"].shape[0]
-  b = features.shape[0]
-  if not config.model.moe or e == 1:
-    return jnp.zeros((b, 1), jnp.int32), jnp.ones((b, 1))
-  _, routing_net, _ = _modules(config, e)
-  embeddings, _ = routing_net.apply({"params": state["params"]["routing"]}, features)
-  similarity = _l2(embeddings) @ _l2(state["centers"]).T
-  probabilities = jax.nn.softmax(similarity, axis=-1)
-  k = min(config.model.top_k, e)
-  weights, indices = jax.lax.top_k(probabilities, k)
-  return indices, weights / weights.sum(axis=-1, keepdims=True)  # eq. 4's normalisation
 
+class AdaptedMoE(base.Method):
+  """Shared adaptor, routing network and stacked SimpleNet experts on cached patch features."""
 
-def score(config, state, features):
-  m = config.model
-  b, h, w, _ = features.shape
-  expert = common.Discriminator(tuple(m.dsc_hidden))
-  q = _expert_inputs(config, state["params"], features)
-  if m.norm:
-    q = _l2(q)
-  indices, weights = route(config, state, features)
+  @classmethod
+  def check_config(cls, config):
+    super().check_config(config)
+    m = config.model
+    for key, allowed in (("routing_loss", ("center", "softmax")), ("subclass_source", ("dataset", "kmeans"))):
+      if m[key] not in allowed:
+        raise ConfigError(f"model.{key} must be one of {list(allowed)}, not '{m[key]}'.")
+    if m.subclass_source == "kmeans" and m.num_experts < 2:
+      raise ConfigError(f"model.subclass_source='kmeans' needs model.num_experts >= 2 clusters, not {m.num_experts}.")
+    if m.top_k < 1:
+      raise ConfigError(f"model.top_k must be at least 1, not {m.top_k}.")
 
-  def one(q_image, k):
-    x = test_time_adapt(q_image, state["expert_mean"][k], state["expert_std"][k])[0] if m.tta else q_image
-    params = jax.tree.map(lambda p: p[k], state["params"]["experts"])
-    stats = jax.tree.map(lambda s: s[k], state["batch_stats"])
-    return -apply_expert(expert, params, stats, x, train=False)[0]
+  def __init__(self, config):
+    super().__init__(config)
+    m = config.model
+    self.adaptor = simplenet.Adaptor(m.adaptor_layers)
+    self.expert = common.Discriminator(tuple(m.dsc_hidden))
+    self.routing_width = m.routing_width or m.target_embed_dim
+    adam = lambda lr, wd: optax.chain(optax.add_decayed_weights(wd), optax.adam(lr))
+    self.tx = optax.multi_transform({
+        "adaptor": optax.adamw(m.adaptor_lr, weight_decay=m.adaptor_weight_decay),
+        "routing": adam(m.routing_lr, m.dsc_weight_decay),
+        "experts": adam(m.dsc_lr, m.dsc_weight_decay),
+    }, {"adaptor": "adaptor", "routing": "routing", "experts": "experts"})
 
-  scores = jax.vmap(lambda q_image, ks: jax.vmap(functools.partial(one, q_image))(ks))(q, indices)  # (B, k, HW)
-  maps = jnp.einsum("bk,bkn->bn", weights, scores).reshape(b, h, w)
-  return maps.max(axis=(1, 2)), maps
+  def num_experts(self, num_subclasses: int) -> int:
+    return max(1, num_subclasses) if self.config.model.moe else 1
 
+  def routing_net(self, experts: int) -> RoutingNet:
+    """The routing network for `experts` classes (its classifier's width is the state's expert count)."""
+    return RoutingNet(self.routing_width, experts, self.config.model.norm)
 
-def finalize(config, state, batches):
-  """Each expert's per-dimension mean and std of its training patches' inputs (for TTA)."""
-  e = state["centers"].shape[0]
-  c = state["expert_mean"].shape[1]
-  total, total_sq, count = np.zeros((e, c)), np.zeros((e, c)), np.zeros(e)
+  def derives_subclasses(self) -> bool:
+    return self.config.model.subclass_source == "kmeans"
 
-  @jax.jit
-  def inputs(params, features):
-    q = _expert_inputs(config, params, features)
-    return _l2(q) if config.model.norm else q
+  def assign_subclasses(self, features, subclass, key):
+    """Subclass labels for training images. From the dataset when it has subclasses; else,
+    with model.subclass_source='kmeans', k-means (model.num_experts clusters) on the images'
+    GAP patch features, the routing network's input before it is trained."""
+    if not self.derives_subclasses():
+      return subclass
+    from absl import logging
+    from sklearn.cluster import KMeans
+    k = self.config.model.num_experts
+    logging.info("Deriving %d subclasses by k-means on the training images' pooled patch features "
+                 "(model.subclass_source='kmeans').", k)
+    pooled = np.asarray(features).mean(axis=(1, 2))
+    seed = int(jax.random.randint(key, (), 0, 2 ** 31 - 1))
+    return KMeans(k, n_init=10, random_state=seed).fit_predict(pooled).astype(np.int32)
 
-  for batch in batches:
-    q = np.asarray(inputs(state["params"], batch["features"]), np.float64)
-    experts = batch["subclass"] if config.model.moe else np.zeros_like(batch["subclass"])
-    for k in range(e):
-      rows = q[experts == k].reshape(-1, c)
-      total[k] += rows.sum(0)
-      total_sq[k] += (rows ** 2).sum(0)
-      count[k] += len(rows)
-  mean = total / np.maximum(count, 1)[:, None]
-  var = (total_sq - count[:, None] * mean ** 2) / np.maximum(count - 1, 1)[:, None]
-  return {**state, "expert_mean": jnp.asarray(mean, jnp.float32),
-          "expert_std": jnp.asarray(np.sqrt(np.maximum(var, 0)), jnp.float32)}
+  def init(self, sample, key, num_subclasses=1):
+    features = sample["features"]
+    e = self.num_experts(num_subclasses)
+    c = features.shape[-1]
+    k_adaptor, k_routing, k_experts = jax.random.split(key, 3)
+    sample = jnp.zeros((1,) + tuple(features.shape[1:]), jnp.float32)
+    expert_vars = jax.vmap(lambda k: self.expert.init(k, jnp.zeros((2, c)), train=False))(
+        jax.random.split(k_experts, e))
+    params = {"adaptor": self.adaptor.init(k_adaptor, jnp.zeros((2, c)))["params"],
+              "routing": self.routing_net(e).init(k_routing, sample)["params"],
+              "experts": expert_vars["params"]}
+    return {"params": params, "batch_stats": expert_vars["batch_stats"], "opt_state": self.tx.init(params),
+            "centers": jnp.zeros((e, self.routing_width), jnp.float32),
+            "expert_mean": jnp.zeros((e, c), jnp.float32), "expert_std": jnp.ones((e, c), jnp.float32),
+            "step": jnp.zeros((), jnp.int32)}
 
+  def expert_inputs(self, params, features):
+    """The shared adaptor's output for every patch, (B, HW, C)."""
+    b, h, w, c = features.shape
+    return self.adaptor.apply({"params": params["adaptor"]}, features.reshape(b, h * w, c))
 
-def assign_subclasses(config, features, subclass, key):
-  """Subclass labels for training images. From the dataset when it has subclasses; else,
-  with model.subclass_source='kmeans', k-means (model.num_experts clusters) on the images'
-  GAP patch features, the routing network's input before it is trained."""
-  if config.model.subclass_source != "kmeans":
-    return subclass
-  from absl import logging
-  from sklearn.cluster import KMeans
-  logging.info("Deriving %d subclasses by k-means on the training images' pooled patch features "
-               "(model.subclass_source='kmeans').", config.model.num_experts)
-  pooled = np.asarray(features).mean(axis=(1, 2))
-  seed = int(jax.random.randint(key, (), 0, 2 ** 31 - 1))
-  return KMeans(config.model.num_experts, n_init=10, random_state=seed).fit_predict(pooled).astype(np.int32)
+  def routing_loss(self, embeddings, logits, centers, labels):
+    m = self.config.model
+    ce = optax.softmax_cross_entropy_with_integer_labels(logits, labels).mean()
+    if m.routing_loss == "softmax":
+      return ce, ce, jnp.zeros(())
+    center = jnp.mean(jnp.sum((embeddings - centers[labels]) ** 2, axis=-1))
+    return m.center_alpha * center + (1 - m.center_alpha) * ce, ce, center
+
+  def loss_fn(self, params, state, features, labels, key):
+    m = self.config.model
+    e = state["centers"].shape[0]
+    q = self.expert_inputs(params, features)
+    fake = q + m.noise_std * jax.random.normal(key, q.shape, q.dtype)
+    true = q
+    if m.norm:  # the reference normalises after adding the noise
+      true, fake = _l2(true), _l2(fake)
+    experts = labels if m.moe else jnp.zeros_like(labels)
+    per_image_params = jax.tree.map(lambda p: p[experts], params["experts"])
+    per_image_stats = jax.tree.map(lambda s: s[experts], state["batch_stats"])
+
+    def one_image(p, s, t, f):
+      scores, new_stats = apply_expert(self.expert, p, s, jnp.concatenate([t, f]), train=True)
+      t_scores, f_scores = jnp.split(scores, 2)
+      return common.truncated_l1(t_scores, f_scores, m.th_pos, m.th_neg), new_stats, t_scores, f_scores
+
+    losses, new_stats, t_scores, f_scores = jax.vmap(one_image)(per_image_params, per_image_stats, true, fake)
+    expert_loss = losses.mean()  # the reference: sum over images / batch size
+    aux = {"expert_loss": expert_loss, "p_true": jnp.mean(t_scores >= m.th_pos),
+           "p_fake": jnp.mean(f_scores < m.th_neg)}
+    loss = expert_loss
+    embeddings = jnp.zeros((features.shape[0], state["centers"].shape[1]))
+    if m.moe and e > 1:
+      embeddings, logits = self.routing_net(e).apply({"params": params["routing"]}, features)
+      r_loss, ce, center = self.routing_loss(embeddings, logits, state["centers"], labels)
+      loss = loss + r_loss  # eq. 3
+      aux.update(routing_loss=r_loss, routing_ce=ce, center_loss=center,
+                 routing_accuracy=jnp.mean(jnp.argmax(logits, -1) == labels))
+    aux["loss"] = loss
+    return loss, (aux, new_stats, experts, embeddings)
+
+  def train_step(self, state, batch, key):
+    e = state["centers"].shape[0]
+    labels = batch["subclass"]
+    grad_fn = jax.value_and_grad(self.loss_fn, argnums=0, has_aux=True)
+    (_, (metrics, new_stats, experts, embeddings)), grads = grad_fn(
+        state["params"], state, batch["features"], labels, key)
+    updates, opt_state = self.tx.update(grads, state["opt_state"], state["params"])
+    params = optax.apply_updates(state["params"], updates)
+    batch_stats, touched = _merge_expert_stats(state["batch_stats"], new_stats, experts, e)
+    params = _keep_untouched_experts(params, state["params"], touched)
+    opt_state = _keep_untouched_experts(opt_state, state["opt_state"], touched)
+    centers = state["centers"]
+    if self.config.model.moe and e > 1 and self.config.model.routing_loss == "center":
+      centers = center_update(centers, jax.lax.stop_gradient(embeddings), labels, self.config.model.center_lr)
+    return {**state, "params": params, "batch_stats": batch_stats, "opt_state": opt_state, "centers": centers,
+            "step": state["step"] + 1}, metrics
+
+  def route(self, state, features):
+    """(top-k expert indices (B, k), their weights (B, k)) by cosine similarity to the centers."""
+    e = state["centers"].shape[0]
+    b = features.shape[0]
+    if not self.config.model.moe or e == 1:
+      return jnp.zeros((b, 1), jnp.int32), jnp.ones((b, 1))
+    embeddings, _ = self.routing_net(e).apply({"params": state["params"]["routing"]}, features)
+    similarity = _l2(embeddings) @ _l2(state["centers"]).T
+    probabilities = jax.nn.softmax(similarity, axis=-1)
+    k = min(self.config.model.top_k, e)
+    weights, indices = jax.lax.top_k(probabilities, k)
+    return indices, weights / weights.sum(axis=-1, keepdims=True)  # eq. 4's normalisation
+
+  def score(self, state, inputs, image_shape):
+    m = self.config.model
+    features = inputs["features"]
+    b, h, w, _ = features.shape
+    q = self.expert_inputs(state["params"], features)
+    if m.norm:
+      q = _l2(q)
+    indices, weights = self.route(state, features)
+
+    def one(q_image, k):
+      x = test_time_adapt(q_image, state["expert_mean"][k], state["expert_std"][k])[0] if m.tta else q_image
+      params = jax.tree.map(lambda p: p[k], state["params"]["experts"])
+      stats = jax.tree.map(lambda s: s[k], state["batch_stats"])
+      return -apply_expert(self.expert, params, stats, x, train=False)[0]
+
+    scores = jax.vmap(lambda q_image, ks: jax.vmap(functools.partial(one, q_image))(ks))(q, indices)  # (B, k, HW)
+    maps = jnp.einsum("bk,bkn->bn", weights, scores).reshape(b, h, w)
+    return maps.max(axis=(1, 2)), maps
+
+  def finalize(self, state, batches):
+    """Each expert's per-dimension mean and std of its training patches' inputs (for TTA)."""
+    e = state["centers"].shape[0]
+    c = state["expert_mean"].shape[1]
+    total, total_sq, count = np.zeros((e, c)), np.zeros((e, c)), np.zeros(e)
+    norm = self.config.model.norm
+
+    @jax.jit
+    def inputs(params, features):
+      q = self.expert_inputs(params, features)
+      return _l2(q) if norm else q
+
+    for batch in batches:
+      q = np.asarray(inputs(state["params"], batch["features"]), np.float64)
+      experts = batch["subclass"] if self.config.model.moe else np.zeros_like(batch["subclass"])
+      for k in range(e):
+        rows = q[experts == k].reshape(-1, c)
+        total[k] += rows.sum(0)
+        total_sq[k] += (rows ** 2).sum(0)
+        count[k] += len(rows)
+    mean = total / np.maximum(count, 1)[:, None]
+    var = (total_sq - count[:, None] * mean ** 2) / np.maximum(count - 1, 1)[:, None]
+    return {**state, "expert_mean": jnp.asarray(mean, jnp.float32),
+            "expert_std": jnp.asarray(np.sqrt(np.maximum(var, 0)), jnp.float32)}

@@ -1,7 +1,7 @@
 """Pieces shared by the noise-discriminator family (SimpleNet, RSAD, Adapted-MoE experts)."""
 
 import math
-from typing import Sequence
+from collections.abc import Sequence
 
 import flax.linen as nn
 import jax
@@ -47,10 +47,10 @@ def truncated_l1(true_scores, fake_scores, th_pos, th_neg):
   return jnp.mean(jnp.maximum(0.0, th_pos - true_scores)) + jnp.mean(jnp.maximum(0.0, fake_scores - th_neg))
 
 
-def gradient_step(config, state, features, key, loss_fn, optimizer):
-  """One optimiser step on loss_fn(config, params, batch_stats, features, key) -> (loss, (stats, metrics))."""
-  grad_fn = jax.value_and_grad(loss_fn, argnums=1, has_aux=True)
-  (_, (batch_stats, metrics)), grads = grad_fn(config, state["params"], state["batch_stats"], features, key)
+def gradient_step(state, features, key, loss_fn, optimizer):
+  """One optimiser step on loss_fn(params, batch_stats, features, key) -> (loss, (stats, metrics))."""
+  grad_fn = jax.value_and_grad(loss_fn, argnums=0, has_aux=True)
+  (_, (batch_stats, metrics)), grads = grad_fn(state["params"], state["batch_stats"], features, key)
   updates, opt_state = optimizer.update(grads, state["opt_state"], state["params"])
   return {**state, "params": optax.apply_updates(state["params"], updates), "batch_stats": batch_stats,
           "opt_state": opt_state, "step": state["step"] + 1}, metrics

@@ -12,12 +12,26 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from adjax.methods import base
 
-def init(config, train_features, key, num_subclasses=1):
-  flat = np.asarray(train_features).reshape(-1, train_features.shape[-1])
-  size = min(config.model.memory_size, flat.shape[0])
-  chosen = np.asarray(jax.random.choice(key, flat.shape[0], (size,), replace=False))
-  return {"memory": jnp.asarray(flat[np.sort(chosen)], jnp.float32)}
+
+class PatchKNN(base.Method):
+  """A memory bank of training patches; statistics only, no training."""
+  trains = False
+
+  def fit(self, data, key, num_subclasses=1):
+    features = data["features"]
+    flat = np.asarray(features).reshape(-1, features.shape[-1])
+    size = min(self.config.model.memory_size, flat.shape[0])
+    chosen = np.asarray(jax.random.choice(key, flat.shape[0], (size,), replace=False))
+    return {"memory": jnp.asarray(flat[np.sort(chosen)], jnp.float32)}
+
+  def score(self, state, inputs, image_shape):
+    features = inputs["features"]
+    b, h, w, c = features.shape
+    distances = nearest_distance(features.reshape(-1, c).astype(jnp.float32), state["memory"])
+    maps = distances.reshape(b, h, w)
+    return maps.max(axis=(1, 2)), maps
 
 
 def nearest_distance(queries, memory, chunk=4096):
@@ -37,10 +51,3 @@ def nearest_distance(queries, memory, chunk=4096):
   blocks = (bank.reshape(-1, chunk, bank.shape[-1]), valid.reshape(-1, chunk))
   best, _ = jax.lax.scan(step, jnp.full(queries.shape[0], jnp.inf), blocks)
   return jnp.sqrt(jnp.maximum(best, 0.0))
-
-
-def score(config, state, features):
-  b, h, w, c = features.shape
-  distances = nearest_distance(features.reshape(-1, c).astype(jnp.float32), state["memory"])
-  maps = distances.reshape(b, h, w)
-  return maps.max(axis=(1, 2)), maps

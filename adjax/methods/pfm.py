@@ -24,6 +24,9 @@ import jax
 import jax.numpy as jnp
 import optax
 
+from adjax.errors import ConfigError
+from adjax.methods import base, common
+
 
 def _l2(x):
   return x / (jnp.linalg.norm(x, axis=-1, keepdims=True) + 1e-12)
@@ -74,73 +77,96 @@ class MappingPair(nn.Module):
     return mapped_target, mapped_source
 
 
-def _pairs(config, sample):
-  m = config.model
-  return [MappingPair(sample["source"][k].shape[-1], sample["target"][k].shape[-1], m.latent[k], m.bidirectional,
-                      name=f"hierarchy{k}") for k in m.hierarchies]
+class PFM(base.Method):
+  """Mapping networks between two frozen backbones' normalised feature maps, per hierarchy."""
 
+  @classmethod
+  def check_config(cls, config):
+    super().check_config(config)
+    from adjax import backbones
+    m = config.model
+    source, target = backbones.get_spec(m.source_backbone), backbones.get_spec(m.backbone)
+    if (source.mean, source.std) != (target.mean, target.std):
+      raise ConfigError(f"model.source_backbone {source.name} and model.backbone {target.name} expect different "
+                        "input normalisations; pair backbones of the same family (torchvision, or EfficientNet-Lite).")
+    source_layers, target_layers = tuple(m.source_layers), tuple(m.layers)
+    if len(source_layers) != len(target_layers):
+      raise ConfigError(f"model.source_layers {source_layers} and model.layers {target_layers} must name one tap "
+                        "per hierarchy each.")
+    strides = [target.strides[t] for t in target_layers]
+    source_strides = [source.strides.get(t) for t in source_layers]
+    if source_strides != strides:
+      raise ConfigError(f"model.source_layers {source_layers} of {source.name} must be taps at the strides of "
+                        f"model.layers ({strides}), one per hierarchy; got {source_strides}.")
+    if not m.hierarchies or any(not 0 <= k < len(target_layers) for k in m.hierarchies):
+      raise ConfigError(f"model.hierarchies {tuple(m.hierarchies)} must index the {len(target_layers)} tapped "
+                        "layers (model.layers).")
+    if len(m.latent) != len(target_layers):
+      raise ConfigError(f"model.latent {tuple(m.latent)} must give one latent width per tapped layer "
+                        f"({len(target_layers)}).")
 
-def _optimizer(config):
-  # torch Adam's weight decay is an L2 term added to the gradient.
-  return optax.chain(optax.add_decayed_weights(config.model.weight_decay), optax.adam(config.model.lr))
+  def __init__(self, config):
+    super().__init__(config)
+    # torch Adam's weight decay is an L2 term added to the gradient.
+    self.tx = optax.chain(optax.add_decayed_weights(config.model.weight_decay), optax.adam(config.model.lr))
 
+  def make_extractor(self):
+    from adjax.backbones.patch_features import make_pair_fn
+    return make_pair_fn(self.config.model)
 
-def init(config, train_features, key, num_subclasses=1):
-  m = config.model
-  if any(k >= len(train_features["source"]) for k in m.hierarchies):
-    from adjax.errors import ConfigError
-    raise ConfigError(f"model.hierarchies {tuple(m.hierarchies)} index past the {len(train_features['source'])} "
-                      "tapped layers (model.layers).")
-  params, stats = {}, {}
-  for k, pair, sub in zip(m.hierarchies, _pairs(config, train_features), jax.random.split(key, len(m.hierarchies))):
-    variables = pair.init(sub, train_features["source"][k][:1], train_features["target"][k][:1], train=False)
-    params[f"hierarchy{k}"], stats[f"hierarchy{k}"] = variables["params"], variables["batch_stats"]
-  return {"params": params, "batch_stats": stats, "opt_state": _optimizer(config).init(params),
-          "step": jnp.zeros((), jnp.int32)}
+  def pairs(self, features):
+    """Per chosen hierarchy, its MappingPair for the channel counts of `features`."""
+    m = self.config.model
+    return [MappingPair(features["source"][k].shape[-1], features["target"][k].shape[-1], m.latent[k],
+                        m.bidirectional, name=f"hierarchy{k}") for k in m.hierarchies]
 
+  def init(self, sample, key, num_subclasses=1):
+    features = sample["features"]
+    hierarchies = self.config.model.hierarchies
+    params, stats = {}, {}
+    for k, pair, sub in zip(hierarchies, self.pairs(features), jax.random.split(key, len(hierarchies))):
+      variables = pair.init(sub, features["source"][k][:1], features["target"][k][:1], train=False)
+      params[f"hierarchy{k}"], stats[f"hierarchy{k}"] = variables["params"], variables["batch_stats"]
+    return {"params": params, "batch_stats": stats, "opt_state": self.tx.init(params),
+            "step": jnp.zeros((), jnp.int32)}
 
-def _hierarchy_maps(config, params, batch_stats, features, train):
-  """Per hierarchy: (forward distance map, reverse distance map or None, new batch stats)."""
-  out = []
-  for k, pair in zip(config.model.hierarchies, _pairs(config, features)):
-    name = f"hierarchy{k}"
-    source, target = _l2(features["source"][k]), _l2(features["target"][k])
-    variables = {"params": params[name], "batch_stats": batch_stats[name]}
-    if train:
-      (mapped_t, mapped_s), updates = pair.apply(variables, source, target, train=True, mutable=["batch_stats"])
-      new_stats = updates["batch_stats"]
-    else:
-      mapped_t, mapped_s = pair.apply(variables, source, target, train=False)
-      new_stats = batch_stats[name]
-    forward = jnp.sum((_l2(mapped_t) - target) ** 2, axis=-1)  # eq. 8
-    reverse = jnp.sum((_l2(mapped_s) - source) ** 2, axis=-1) if mapped_s is not None else None
-    out.append((name, forward, reverse, target.shape[-1], source.shape[-1], new_stats))
-  return out
+  def hierarchy_maps(self, params, batch_stats, features, train):
+    """Per hierarchy: (name, forward distance map, reverse map or None, c_T, c_S, new batch stats)."""
+    out = []
+    for k, pair in zip(self.config.model.hierarchies, self.pairs(features)):
+      name = f"hierarchy{k}"
+      source, target = _l2(features["source"][k]), _l2(features["target"][k])
+      variables = {"params": params[name], "batch_stats": batch_stats[name]}
+      if train:
+        (mapped_t, mapped_s), updates = pair.apply(variables, source, target, train=True, mutable=["batch_stats"])
+        new_stats = updates["batch_stats"]
+      else:
+        mapped_t, mapped_s = pair.apply(variables, source, target, train=False)
+        new_stats = batch_stats[name]
+      forward = jnp.sum((_l2(mapped_t) - target) ** 2, axis=-1)  # eq. 8
+      reverse = jnp.sum((_l2(mapped_s) - source) ** 2, axis=-1) if mapped_s is not None else None
+      out.append((name, forward, reverse, target.shape[-1], source.shape[-1], new_stats))
+    return out
 
+  def loss_fn(self, params, batch_stats, features, key):
+    del key  # deterministic
+    total, new_stats = 0.0, {}
+    for name, forward, reverse, c_t, c_s, stats in self.hierarchy_maps(params, batch_stats, features, True):
+      loss = jnp.mean(forward) / c_t  # eq. 7: 1 / (w h c_T) ||.||^2
+      if reverse is not None:
+        loss = loss + jnp.mean(reverse) / c_s  # eq. 12
+      total = total + loss  # MB-PFM: each hierarchy's B-PFM, trained together
+      new_stats[name] = stats
+    return total, (new_stats, {"loss": total})
 
-def loss_fn(config, params, batch_stats, features, key):
-  del key  # deterministic
-  total, new_stats = 0.0, {}
-  for name, forward, reverse, c_t, c_s, stats in _hierarchy_maps(config, params, batch_stats, features, True):
-    loss = jnp.mean(forward) / c_t  # eq. 7: 1 / (w h c_T) ||.||^2
-    if reverse is not None:
-      loss = loss + jnp.mean(reverse) / c_s  # eq. 12
-    total = total + loss  # MB-PFM: each hierarchy's B-PFM, trained together
-    new_stats[name] = stats
-  return total, (new_stats, {"loss": total})
+  def train_step(self, state, batch, key):
+    return common.gradient_step(state, batch["features"], key, self.loss_fn, self.tx)
 
-
-def train_step(config, state, batch, key):
-  from adjax.methods import common
-  return common.gradient_step(config, state, batch["features"], key, loss_fn, _optimizer(config))
-
-
-def score(config, state, features):
-  size = config.data.crop_size
-  maps = []
-  for _, forward, reverse, _, _, _ in _hierarchy_maps(config, state["params"], state["batch_stats"], features, False):
-    a = forward if reverse is None else 0.5 * (forward + reverse)  # eq. 13 / 14
-    b = a.shape[0]
-    maps.append(jax.image.resize(a, (b, size, size), method="linear", antialias=False))  # eq. 15
-  fused = sum(maps) / len(maps)
-  return fused.max(axis=(1, 2)), fused  # eq. 9
+  def score(self, state, inputs, image_shape):
+    maps = []
+    for _, forward, reverse, _, _, _ in self.hierarchy_maps(state["params"], state["batch_stats"], inputs["features"],
+                                                             False):
+      a = forward if reverse is None else 0.5 * (forward + reverse)  # eq. 13 / 14
+      maps.append(jax.image.resize(a, (a.shape[0],) + tuple(image_shape), method="linear", antialias=False))  # eq. 15
+    fused = sum(maps) / len(maps)
+    return fused.max(axis=(1, 2)), fused  # eq. 9

@@ -20,28 +20,20 @@ Where the paper is silent:
 - The focal loss uses torchvision's sigmoid_focal_loss defaults (alpha 0.25, gamma 2).
 - Anomaly map = 1 - D per location; image score = its maximum (Sec. 3.4).
 
-Where the paper contradicts itself (our decision, `model.hinge_on_logits`):
-eq. 7 is SimpleNet's truncated L1 with its margins th+ = 0.5, th- = -0.5, but Sec. 3.4 puts
-a sigmoid on D. Applied to D in (0, 1), the fake term max(0, 0.5 + D) is never truncated
-(th- = -0.5 is unreachable), so the loss is not "truncated" as Sec. 3.5 says, its minimum is
-0.5, and a discriminator that outputs one constant <= 0.5 everywhere sits on a flat plateau
-(loss exactly 1.0, zero net gradient; any output spread costs more). On real bottle
-features the literal reading stays on that plateau for all 160 epochs (D = 0.49-0.51
-everywhere, image AUROC 57; benchmarks/README.md). The margins are meaningful only on an
-unbounded output, as in SimpleNet [32] which RSAD follows, so by default eq. 7 is applied
-to the discriminator's pre-sigmoid output and the sigmoid gives the normality D used by
-the focal loss (eq. 8) and the anomaly maps. `hinge_on_logits=False` is the literal reading.
+Where the paper contradicts itself (`model.hinge_on_logits`): eq. 7 is SimpleNet's truncated
+L1 with th+ = 0.5, th- = -0.5, but Sec. 3.4 puts a sigmoid on D; on D in (0, 1) th- is
+unreachable, the loss's minimum is 0.5 and a constant D <= 0.5 is a flat plateau, on which
+the literal reading stays (benchmarks/README.md). The margins mean something only on an
+unbounded output, as in SimpleNet [32], so by default eq. 7 sees the pre-sigmoid logit and
+the sigmoid gives the D of eq. 8 and the maps; `hinge_on_logits=False` is the literal reading.
 
-Where the paper is ambiguous (`model.focal_on`): eq. 8's text applies the focal loss to the
-image score S_AD (the maximum anomaly) against a ground truth written M_{x_i}, the symbol of
-a mask, and Algorithm 1 (line 10) calls the term "focal loss_loc". 'locations' (the
-default) applies it to every location's anomaly 1 - D against 0 (clean) / 1 (noised), the
-pseudo-code's reading; 'image' follows the text. We chose 'locations' on training images only
-(benchmarks/noise_separation.py, Lite0 bottle): with it the discriminator tells clean from
-noised features as fast as SimpleNet's (P(D_true > D_fake) 0.724 after 2,500 steps, SimpleNet
-0.720), with 'image' far more slowly (0.599): its gradient reaches one location per image.
-With both readings the full 160-epoch bottle run reaches image AUROC 100.0 / pixel AUROC 95.6
-(Lite0, two seeds; benchmarks/README.md).
+Where the paper is ambiguous (`model.focal_on`): eq. 8's text puts the focal loss on the image
+score S_AD against a ground truth written M_{x_i} (a mask's symbol), and Algorithm 1 (line 10)
+calls the term "focal loss_loc". 'locations' (default, the pseudo-code's reading) applies it to
+every location's anomaly 1 - D against 0 (clean) / 1 (noised); 'image' follows the text. The
+default was chosen on training images only, by how fast clean and noised features separate
+(benchmarks/noise_separation.py; figures in benchmarks/README.md): 'image' reaches one location
+per image with its gradient.
 """
 
 import flax.linen as nn
@@ -49,8 +41,8 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from adjax.methods import common
-
+from adjax.errors import ConfigError
+from adjax.methods import base, common
 
 # Mona's reference builds plain torch Linear/Conv2d layers and keeps their default init:
 # weights U(+-1/sqrt(3 fan_in)) (kaiming_uniform with a = sqrt(5)), biases U(+-1/sqrt(fan_in)).
@@ -112,40 +104,86 @@ class Identity(nn.Module):
 ALIGNERS = {"mona": Mona, "fc": BiasFreeFC, "none": Identity}
 
 
-def _model(config):
-  aligner = ALIGNERS[config.model.aligner]
-  if config.model.aligner == "mona":
-    aligner = aligner(config.model.mona_bottleneck, config.model.mona_dropout)
-  else:
-    aligner = aligner()
-  # It returns the logit; loss_fn and score apply the sigmoid, so that eq. 7 can see the logit.
-  return aligner, common.Discriminator(tuple(config.model.dsc_hidden))
-
-
-def _optimizer(config):
-  m = config.model
-  adam = lambda lr: optax.chain(optax.add_decayed_weights(m.weight_decay), optax.adam(lr))  # torch Adam's L2
-  return optax.multi_transform({"aligner": adam(m.aligner_lr), "discriminator": adam(m.dsc_lr)},
-                               {"aligner": "aligner", "discriminator": "discriminator"})
-
-
 FOCAL_TARGETS = ("image", "locations")
 
 
-def init(config, train_features, key, num_subclasses=1):
-  from adjax.errors import ConfigError
-  if config.model.aligner not in ALIGNERS:
-    raise ConfigError(f"model.aligner must be one of {sorted(ALIGNERS)}, not '{config.model.aligner}'.")
-  if config.model.focal_on not in FOCAL_TARGETS:
-    raise ConfigError(f"model.focal_on must be one of {list(FOCAL_TARGETS)}, not '{config.model.focal_on}'.")
-  aligner, discriminator = _model(config)
-  k1, k2 = jax.random.split(key)
-  sample = jnp.zeros((1,) + tuple(train_features.shape[1:]), jnp.float32)
-  aligner_params = aligner.init(k1, sample, train=False).get("params", {})
-  dsc_vars = discriminator.init(k2, sample.reshape(-1, sample.shape[-1]), train=False)
-  params = {"aligner": aligner_params, "discriminator": dsc_vars["params"]}
-  return {"params": params, "batch_stats": dsc_vars["batch_stats"], "opt_state": _optimizer(config).init(params),
-          "step": jnp.zeros((), jnp.int32)}
+class RSAD(base.Method):
+  """Feature aligner + three-layer discriminator on cached patch features."""
+
+  @classmethod
+  def check_config(cls, config):
+    super().check_config(config)
+    if config.model.aligner not in ALIGNERS:
+      raise ConfigError(f"model.aligner must be one of {sorted(ALIGNERS)}, not '{config.model.aligner}'.")
+    if config.model.focal_on not in FOCAL_TARGETS:
+      raise ConfigError(f"model.focal_on must be one of {list(FOCAL_TARGETS)}, not '{config.model.focal_on}'.")
+
+  def __init__(self, config):
+    super().__init__(config)
+    m = config.model
+    self.aligner = Mona(m.mona_bottleneck, m.mona_dropout) if m.aligner == "mona" else ALIGNERS[m.aligner]()
+    # It returns the logit; loss_fn and score apply the sigmoid, so that eq. 7 can see the logit.
+    self.discriminator = common.Discriminator(tuple(m.dsc_hidden))
+    adam = lambda lr: optax.chain(optax.add_decayed_weights(m.weight_decay), optax.adam(lr))  # torch Adam's L2
+    self.tx = optax.multi_transform({"aligner": adam(m.aligner_lr), "discriminator": adam(m.dsc_lr)},
+                                    {"aligner": "aligner", "discriminator": "discriminator"})
+
+  def init(self, sample, key, num_subclasses=1):
+    k1, k2 = jax.random.split(key)
+    sample = jnp.zeros((1,) + tuple(sample["features"].shape[1:]), jnp.float32)
+    aligner_params = self.aligner.init(k1, sample, train=False).get("params", {})
+    dsc_vars = self.discriminator.init(k2, sample.reshape(-1, sample.shape[-1]), train=False)
+    params = {"aligner": aligner_params, "discriminator": dsc_vars["params"]}
+    return {"params": params, "batch_stats": dsc_vars["batch_stats"], "opt_state": self.tx.init(params),
+            "step": jnp.zeros((), jnp.int32)}
+
+  def loss_fn(self, params, batch_stats, features, key):
+    m = self.config.model
+    noise_key, dropout_key = jax.random.split(key)
+    b, h, w, c = features.shape
+    aligned = self.aligner.apply({"params": params["aligner"]}, features, train=True, rngs={"dropout": dropout_key})
+    true = aligned.reshape(-1, c)
+    fake = true + m.noise_std * jax.random.normal(noise_key, true.shape, true.dtype)  # eq. 6
+    scores, updates = self.discriminator.apply({"params": params["discriminator"], "batch_stats": batch_stats},
+                                               jnp.concatenate([true, fake]), train=True, mutable=["batch_stats"])
+    true_logit, fake_logit = jnp.split(scores[:, 0], 2)
+    true_d, fake_d = jax.nn.sigmoid(true_logit), jax.nn.sigmoid(fake_logit)
+    if m.hinge_on_logits:  # see the module docstring
+      seg = common.truncated_l1(true_logit, fake_logit, m.th_pos, m.th_neg)  # eq. 7 on the logit
+    else:
+      seg = common.truncated_l1(true_d, fake_d, m.th_pos, m.th_neg)  # eq. 7 read literally
+    if m.focal_on == "image":
+      # eq. 8 as its text reads: S_AD = max over locations of the anomaly (1 - D); normal
+      # image -> 0, noised copy -> 1.
+      anomaly = jnp.concatenate([(1 - true_d).reshape(b, -1).max(axis=1), (1 - fake_d).reshape(b, -1).max(axis=1)])
+      targets = jnp.concatenate([jnp.zeros(b), jnp.ones(b)])
+    else:
+      # Algorithm 1, line 10 ("focal loss_loc") with eq. 8's ground truth M read as a mask:
+      # per location, anomaly 1 - D against 0 (clean) / 1 (noised), averaged.
+      anomaly = 1 - jnp.concatenate([true_d, fake_d])
+      targets = jnp.concatenate([jnp.zeros_like(true_d), jnp.ones_like(fake_d)])
+    cls = focal_loss(anomaly, targets, m.focal_alpha, m.focal_gamma)
+    loss = seg + m.focal_weight * cls  # eq. 9 (weight 1); other weights are for diagnostics only
+    return loss, (updates["batch_stats"], {"loss": loss, "seg_loss": seg, "focal_loss": cls})
+
+  def train_step(self, state, batch, key):
+    return common.gradient_step(state, batch["features"], key, self.loss_fn, self.tx)
+
+  def adapt(self, state, features):
+    """Aligned patch features (B*H*W, C) of (B, H, W, C) features (Mona works on the maps), inference mode."""
+    aligned = self.aligner.apply({"params": state["params"]["aligner"]}, features, train=False)
+    return aligned.reshape(-1, features.shape[-1])
+
+  def discriminate(self, state, aligned):
+    """The discriminator's pre-sigmoid normality logit for (N, C) aligned features, inference mode."""
+    variables = {"params": state["params"]["discriminator"], "batch_stats": state["batch_stats"]}
+    return self.discriminator.apply(variables, aligned, train=False)[:, 0]
+
+  def score(self, state, inputs, image_shape):
+    features = inputs["features"]
+    b, h, w, _ = features.shape
+    maps = (1.0 - jax.nn.sigmoid(self.discriminate(state, self.adapt(state, features)))).reshape(b, h, w)
+    return maps.max(axis=(1, 2)), maps
 
 
 def focal_loss(probability, target, alpha, gamma):
@@ -157,58 +195,3 @@ def focal_loss(probability, target, alpha, gamma):
   if alpha >= 0:
     loss = loss * (alpha * target + (1 - alpha) * (1 - target))
   return jnp.mean(loss)
-
-
-def loss_fn(config, params, batch_stats, features, key):
-  m = config.model
-  aligner, discriminator = _model(config)
-  noise_key, dropout_key = jax.random.split(key)
-  b, h, w, c = features.shape
-  aligned = aligner.apply({"params": params["aligner"]}, features, train=True, rngs={"dropout": dropout_key})
-  true = aligned.reshape(-1, c)
-  fake = true + m.noise_std * jax.random.normal(noise_key, true.shape, true.dtype)  # eq. 6
-  scores, updates = discriminator.apply({"params": params["discriminator"], "batch_stats": batch_stats},
-                                        jnp.concatenate([true, fake]), train=True, mutable=["batch_stats"])
-  true_logit, fake_logit = jnp.split(scores[:, 0], 2)
-  true_d, fake_d = jax.nn.sigmoid(true_logit), jax.nn.sigmoid(fake_logit)
-  if m.hinge_on_logits:  # see the module docstring
-    seg = common.truncated_l1(true_logit, fake_logit, m.th_pos, m.th_neg)  # eq. 7 on the logit
-  else:
-    seg = common.truncated_l1(true_d, fake_d, m.th_pos, m.th_neg)  # eq. 7 read literally
-  if m.focal_on == "image":
-    # eq. 8 as its text reads: S_AD = max over locations of the anomaly (1 - D); normal
-    # image -> 0, noised copy -> 1.
-    anomaly = jnp.concatenate([(1 - true_d).reshape(b, -1).max(axis=1), (1 - fake_d).reshape(b, -1).max(axis=1)])
-    targets = jnp.concatenate([jnp.zeros(b), jnp.ones(b)])
-  else:
-    # Algorithm 1, line 10 ("focal loss_loc") with eq. 8's ground truth M read as a mask:
-    # per location, anomaly 1 - D against 0 (clean) / 1 (noised), averaged.
-    anomaly = 1 - jnp.concatenate([true_d, fake_d])
-    targets = jnp.concatenate([jnp.zeros_like(true_d), jnp.ones_like(fake_d)])
-  cls = focal_loss(anomaly, targets, m.focal_alpha, m.focal_gamma)
-  loss = seg + m.focal_weight * cls  # eq. 9 (weight 1); other weights are for diagnostics only
-  return loss, (updates["batch_stats"], {"loss": loss, "seg_loss": seg, "focal_loss": cls})
-
-
-def train_step(config, state, batch, key):
-  return common.gradient_step(config, state, batch["features"], key, loss_fn, _optimizer(config))
-
-
-def adapt(config, state, features):
-  """Aligned patch features (B*H*W, C) of (B, H, W, C) features (Mona works on the maps), inference mode."""
-  aligner, _ = _model(config)
-  aligned = aligner.apply({"params": state["params"]["aligner"]}, features, train=False)
-  return aligned.reshape(-1, features.shape[-1])
-
-
-def discriminate(config, state, aligned):
-  """The discriminator's pre-sigmoid normality logit for (N, C) aligned features, inference mode."""
-  _, discriminator = _model(config)
-  variables = {"params": state["params"]["discriminator"], "batch_stats": state["batch_stats"]}
-  return discriminator.apply(variables, aligned, train=False)[:, 0]
-
-
-def score(config, state, features):
-  b, h, w, _ = features.shape
-  maps = (1.0 - jax.nn.sigmoid(discriminate(config, state, adapt(config, state, features)))).reshape(b, h, w)
-  return maps.max(axis=(1, 2)), maps

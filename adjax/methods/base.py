@@ -1,0 +1,100 @@
+"""The method protocol: what every method implements and what the shared loop may rely on.
+
+A method is a class built once from its config, `Method(config)`; it owns its Flax modules
+and optax transforms (built in `__init__`) and knows nothing about files, datasets,
+checkpoints or reports. The shared loop (adjax/train.py) reaches it only through this class.
+
+Inputs, declared by class attributes:
+  train_inputs    what a training batch carries besides 'subclass' (B,) int32:
+                  'features'  frozen-extractor output for the clean images, float32
+                  'images'    the clean training images, float32, normalised by `normalisation()`,
+                              (B, S, S, 3), S = data.crop_size; any augmentation is the method's,
+                              done inside `train_step` from its key (so on the device)
+  score_inputs    what `score` receives: the same two keys
+  cache_features  whether 'features' may be computed once and reused every epoch: true
+                  unless a random augmentation comes before the extractor
+  trains          True: gradient training by `train_step`; False: statistics only (`fit`)
+  calibrates      True: `calibrate` runs after training on a labelled split held out of the
+                  test images (data.calibration_fraction), which is then never scored as test
+
+Stages, in the order the loop calls them (all but `train_step` and `score` have defaults):
+  check_config(config)                        before any data is read or anything compiled
+  make_extractor() -> FeatureExtractor|None   the frozen feature network(s); None: no 'features'
+  derives_subclasses() -> bool                whether assign_subclasses needs the features
+  assign_subclasses(features, subclass, key) -> subclass ids (N,), before init
+  init(sample, key, num_subclasses) -> state  sample: a one-record training batch of zeros
+  fit(data, key, num_subclasses) -> state     statistics-only methods; data: every training
+                                              record's inputs (the train_inputs keys)
+  train_step(state, batch, key) -> (state, metrics)
+                                              pure; jitted by the loop, data-parallel over the
+                                              mesh; the key differs at every step
+  finalize(state, batches) -> state           after training, over the training set once more
+  score(state, inputs, image_shape) -> (image scores (B,), patch maps (B, h, w))
+                                              pure and jittable; higher = more anomalous; maps
+                                              at any resolution (the loop upsamples them)
+  calibrate(state, scored) -> state           scored: {'scores', 'maps', 'labels'} of the
+                                              calibration split, scored with `state`
+`state` is a pytree of arrays whose structure `init` (or `fit`) fixes: the loop checkpoints it
+with Orbax and restores it into that structure.
+"""
+
+
+from adjax.errors import ConfigError
+
+
+class Method:
+  train_inputs: tuple = ("features",)
+  score_inputs: tuple = ("features",)
+  cache_features: bool = True
+  trains: bool = True
+  calibrates: bool = False
+
+  def __init__(self, config):
+    self.check_config(config)
+    self.config = config
+
+  @classmethod
+  def check_config(cls, config) -> None:
+    """Raises ConfigError naming the key for values the method cannot use."""
+    if cls.calibrates and not config.data.get("calibration_fraction", 0.0) > 0:
+      raise ConfigError(f"model.name={config.model.name} fits a calibration after training and needs held-out "
+                        "labelled images: set data.calibration_fraction (e.g. 0.2) to hold that share of each "
+                        "category's test images out of the evaluation.")
+
+  def make_extractor(self) -> object | None:
+    """SimpleNet-style patch features of `config.model` (adjax/backbones/patch_features.py)."""
+    from adjax.backbones.patch_features import make_feature_fn
+    return make_feature_fn(self.config.model)
+
+  def normalisation(self, extractor) -> tuple:
+    """(mean, std) per RGB channel applied to images in [0, 1]; the extractor's by default."""
+    if extractor is None:
+      return (0.0, 0.0, 0.0), (1.0, 1.0, 1.0)
+    return tuple(extractor.spec.mean), tuple(extractor.spec.std)
+
+  def derives_subclasses(self) -> bool:
+    return False
+
+  def assign_subclasses(self, features, subclass, key):
+    del features, key
+    return subclass
+
+  def init(self, sample, key, num_subclasses: int = 1):
+    raise NotImplementedError(f"{type(self).__name__} trains, so it must define init")
+
+  def fit(self, data, key, num_subclasses: int = 1):
+    raise NotImplementedError(f"{type(self).__name__} has trains=False, so it must define fit")
+
+  def train_step(self, state, batch, key):
+    raise NotImplementedError(f"{type(self).__name__} has trains=True, so it must define train_step")
+
+  def finalize(self, state, batches):
+    del batches
+    return state
+
+  def score(self, state, inputs, image_shape):
+    raise NotImplementedError
+
+  def calibrate(self, state, scored):
+    del scored
+    return state

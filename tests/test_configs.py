@@ -1,0 +1,57 @@
+"""Every config file: one variant grammar (configlib.parse_arg), every listed variant builds and
+passes the checks, and the retired spellings are refused with their new form."""
+
+import pytest
+
+from adjax import configlib, methods
+from adjax.errors import ConfigError
+from configs import adapted_moe, patch_knn, pfm, rsad, simplenet
+
+FILES = {"simplenet.py": simplenet, "rsad.py": rsad, "adapted_moe.py": adapted_moe, "pfm.py": pfm,
+         "patch_knn.py": patch_knn}
+
+
+@pytest.mark.parametrize("file,variant", [(f, v) for f, m in FILES.items() for v in m.VARIANTS])
+def test_every_variant_builds_and_passes_the_config_and_method_checks(file, variant):
+  config = FILES[file].get_config(variant)
+  configlib.validate(config)
+  methods.get(config.model.name).check_config(config)
+
+
+def test_variant_fields_set_the_documented_keys():
+  assert rsad.get_config("mpdd,aligner=fc").model.aligner == "fc"
+  assert rsad.get_config("mpdd,aligner=fc").data.name == "mpdd"
+  moe = adapted_moe.get_config("texture_ad_cloth,row=tta_norm")
+  assert (moe.model.moe, moe.model.tta, moe.model.norm) == (False, True, True) and moe.data.category == "cloth"
+  bpfm = pfm.get_config("r34_r50,model=bpfm,hierarchy=0,random=true")
+  assert bpfm.model.bidirectional and bpfm.model.hierarchies == (0,) and bpfm.model.backbone_weights == "random"
+  assert pfm.get_config("lite0_lite2").model.hierarchies == (0, 1, 2)
+
+
+@pytest.mark.parametrize("file,old,new", [
+    ("rsad.py", "mpdd_fc", "mpdd,aligner=fc"), ("rsad.py", "no_adapter", "aligner=none"),
+    ("adapted_moe.py", "+tta_norm", "row=tta_norm"),
+    ("adapted_moe.py", "texture_ad_cloth+moe", "texture_ad_cloth,row=moe"),
+    ("pfm.py", "lite0_lite2+pfm", "lite0_lite2,model=pfm"),
+    ("pfm.py", "r34_r50+bpfm_h0+random", "r34_r50,model=bpfm,hierarchy=0,random=true")])
+def test_retired_variant_spellings_are_refused_with_the_new_form(file, old, new):
+  with pytest.raises(ConfigError, match="retired") as raised:
+    FILES[file].get_config(old)
+  assert f"configs/{file}:{new} " in str(raised.value)
+  FILES[file].get_config(new)  # and the new form is accepted
+
+
+@pytest.mark.parametrize("file,arg,named", [
+    ("pfm.py", "r50_r101", "'r50_r101'"), ("pfm.py", "lite0_lite2,model=cpfm", "model"),
+    ("pfm.py", "lite0_lite2,hierarchy=0", "hierarchy"), ("simplenet.py", "mvtec_ad,seed=3", "seed=3"),
+    ("rsad.py", "mpdd,aligner=mlp", "aligner"), ("patch_knn.py", "nope", "'nope'")])
+def test_unknown_variants_get_a_config_error_naming_them(file, arg, named):
+  with pytest.raises(ConfigError) as raised:
+    FILES[file].get_config(arg)
+  assert named in str(raised.value)
+
+
+def test_pfm_configs_carry_no_patch_feature_keys():
+  model = pfm.get_config("").model
+  assert not {"pretrain_embed_dim", "target_embed_dim", "patch_size", "feature_scale"} & set(model.keys())
+  assert simplenet.get_config("").model.feature_scale == 0.05
