@@ -154,7 +154,7 @@ def write_reports(workdir: str, report: dict, config) -> dict:
   per_category = {name: values for name, values in report.items() if name != "mean"}
   io_utils.write_json(os.path.join(workdir, "metrics.json"),
                       {"metrics": report, "config": json.loads(config.to_json_best_effort())})
-  columns = ("image_auroc", "pixel_auroc", "aupro", "f1_max", "pixel_f1_max")
+  columns = ("image_auroc", "pixel_auroc", "aupro", "f1_max", "pixel_f1_max", "pixel_iou")
   lines = [f"# {config.model.name} on {config.data.name} ({config.model.get('backbone') or 'no backbone'})", "",
            "| category | " + " | ".join(columns) + " |", "|---" * (len(columns) + 1) + "|"]
   for name, values in report.items():
@@ -166,7 +166,8 @@ def write_reports(workdir: str, report: dict, config) -> dict:
     for n, v in sub_rows:
       lines.append(f"| {n} | {_fmt(v['seen']['image_auroc'])} | {_fmt(v['seen']['pixel_auroc'])} | "
                    f"{_fmt(v['unseen']['image_auroc'])} | {_fmt(v['unseen']['pixel_auroc'])} |")
-  lines += ["", "Values in %. f1_max thresholds are read off the test set (they describe, not select).", ""]
+  lines += ["", "Values in %. f1_max thresholds are read off the test set (they describe, not select); "
+            "pixel_iou binarises the maps at the pixel F1-max threshold.", ""]
   io_utils.write_text(os.path.join(workdir, "metrics.md"), "\n".join(lines))
   logging.info("Metrics:\n%s", "\n".join(lines))
   return report

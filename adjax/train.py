@@ -184,10 +184,12 @@ def _train(config, method, extractor, normalisation, split, subclass_ids, keys, 
     precompiling.result()
   state = init_fn(training_set.sample(), init_key, frozen)
 
+  def batches():  # a generator function: nothing is read unless finalize iterates it
+    for batch in training_set.epoch(np.arange(n), config.train.batch_size):
+      yield method_batch(batch, normalisation, extractor, frozen, jax.numpy)
+
   def finish(state):
-    batches = (method_batch(b, normalisation, extractor, frozen, jax.numpy)
-               for b in training_set.epoch(np.arange(n), config.train.batch_size))
-    return calibrate(method.finalize(state, batches))
+    return calibrate(method.finalize(state, batches()))
 
   return train_gradient(config, step, training_set, state, train_key, workdir, split.category, frozen, finish)
 

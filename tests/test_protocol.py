@@ -16,13 +16,14 @@ import toy_methods
 from adjax import caches, checkpoints, evaluate, methods, train
 from adjax.data import datasets, pipeline
 from adjax.errors import ConfigError
-from configs import adapted_moe, patch_knn, pfm, rsad, simplenet
+from configs import adapted_moe, fegan, patch_knn, pfm, rsad, simplenet
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 toy_methods.register()
 
 SIZE = 32
-BUILT_IN = {"patch_knn": patch_knn, "simplenet": simplenet, "rsad": rsad, "adapted_moe": adapted_moe, "pfm": pfm}
+BUILT_IN = {"patch_knn": patch_knn, "simplenet": simplenet, "rsad": rsad, "adapted_moe": adapted_moe, "pfm": pfm,
+            "fegan": fegan}
 
 
 def small_config(name):
@@ -30,8 +31,11 @@ def small_config(name):
   if name in BUILT_IN:
     c = BUILT_IN[name].get_config("")
     c.model.backbone_weights = "random"
+    if "source_backbone" in c.model:
+      c.model.backbone = c.model.source_backbone  # one backbone built, not two: the contract is the same
     c.data.image_size = c.data.crop_size = SIZE
-    for key, value in (("dsc_hidden", None), ("routing_width", 8), ("mona_bottleneck", 8), ("latent", (4, 4, 4))):
+    for key, value in (("dsc_hidden", None), ("routing_width", 8), ("mona_bottleneck", 8), ("latent", (4, 4, 4)),
+                       ("width", 0.125)):
       if key in c.model:
         c.model[key] = tuple(16 for _ in c.model.dsc_hidden) if key == "dsc_hidden" else value
   else:

@@ -117,3 +117,40 @@ def last_needed(order: Sequence[str], taps: Sequence[str]) -> int:
   if unknown:
     raise ValueError(f"unknown feature taps {unknown}; this backbone has {list(order)}")
   return max(order.index(t) for t in taps)
+
+
+def _phase_taps(parity: int) -> dict:
+  """For a 4x4 stride-2 transposed convolution with padding 1 (torch's ConvTranspose2d(4, 2, 1)),
+  output row 2m + parity takes input row m + offset with kernel row k: {offset: k}.
+  out[o] = sum_i x[i] w[o - 2i + 1], so o = 2m: k = 1 (i = m), 3 (i = m - 1); o = 2m + 1: k = 0
+  (i = m + 1), 2 (i = m)."""
+  return {0: 1, -1: 3} if parity == 0 else {1: 0, 0: 2}
+
+
+def conv_transpose_4x4_s2(x, kernel, bias=None):
+  """torch.nn.ConvTranspose2d(kernel_size=4, stride=2, padding=1) on NHWC x with kernel
+  (4, 4, C_in, C_out), output (B, 2H, 2W, C_out): one stride-1 3x3 convolution giving the four
+  output phases as channels, then interleaved. The same function as XLA's transposed
+  convolution, whose backward pass XLA:CPU runs several times slower (benchmarks/README.md)."""
+  b, h, w, cin = x.shape
+  cout = kernel.shape[-1]
+  phases = jnp.zeros((3, 3, cin, 2, 2, cout), kernel.dtype)
+  for py in (0, 1):
+    for px in (0, 1):
+      for dy, ky in _phase_taps(py).items():
+        for dx, kx in _phase_taps(px).items():
+          phases = phases.at[dy + 1, dx + 1, :, py, px, :].set(kernel[ky, kx])
+  y = conv2d(x, phases.reshape(3, 3, cin, 4 * cout), 1, ((1, 1), (1, 1)))
+  y = y.reshape(b, h, w, 2, 2, cout).transpose(0, 1, 3, 2, 4, 5).reshape(b, 2 * h, 2 * w, cout)
+  return y if bias is None else y + bias
+
+
+class ConvTranspose4x4S2(nn.Module):
+  """conv_transpose_4x4_s2 with parameters `kernel` (4, 4, C_in, C_out) and `bias`."""
+  features: int
+
+  @nn.compact
+  def __call__(self, x):
+    kernel = self.param("kernel", nn.initializers.lecun_normal(), (4, 4, x.shape[-1], self.features))
+    bias = self.param("bias", nn.initializers.zeros, (self.features,))
+    return conv_transpose_4x4_s2(x, kernel, bias)

@@ -104,6 +104,22 @@ def make_pair_fn(model_config) -> FeatureExtractor:
   return FeatureExtractor(features, (vars_s, vars_t), target)
 
 
+def make_tap_fn(model_config) -> FeatureExtractor:
+  """The raw feature map of `model.backbone`'s one tap `model.layers[0]`, float32, for methods
+  that compare a network's features with a frozen backbone's map."""
+  from adjax import backbones
+  dtype = jnp.bfloat16 if model_config.dtype == "bfloat16" else jnp.float32
+  tap = model_config.layers[0]
+  extract, variables = backbones.make_extractor(model_config.backbone, (tap,), model_config.backbone_weights,
+                                                dtype=dtype)
+
+  @jax.jit
+  def features(variables, images):
+    return extract(variables, images)[tap].astype(jnp.float32)
+
+  return FeatureExtractor(features, variables, backbones.get_spec(model_config.backbone))
+
+
 def make_feature_fn(model_config) -> FeatureExtractor:
   """SimpleNet-style patch features of a config's `model` block. The backbone runs in
   `model.dtype`; patch aggregation and everything after it in float32."""

@@ -12,6 +12,7 @@ _REGISTRY = {
     "rsad": "rsad:RSAD",
     "adapted_moe": "adapted_moe:AdaptedMoE",
     "pfm": "pfm:PFM",
+    "fegan": "fegan:FEGAN",
 }
 METHODS = tuple(_REGISTRY)
 
