@@ -83,6 +83,17 @@ def caches_features(config, method) -> bool:
   return bool(config.train.cache_features and method.cache_features)
 
 
+def feature_source(config, method):
+  """Where a training batch's 'features' come from: 'cache' (computed once), 'step' (from the
+  batch's clean images inside the training step), 'pipeline' (an input-pipeline pass every
+  epoch, for methods that train on features alone), or None (the method takes none)."""
+  if "features" not in method.train_inputs:
+    return None
+  if caches_features(config, method):
+    return "cache"
+  return "step" if "images" in method.train_inputs else "pipeline"
+
+
 def init_sample(tree):
   """Zeros shaped like one record of a batch (arrays or shape structs), in the batches' dtypes
   (float32 for floating caches): the sample init is compiled for ahead and called with."""
@@ -120,14 +131,11 @@ class TrainingSet:
     self.subclass = np.asarray([subclass_ids.index(r.subclass) if r.subclass in subclass_ids else -1
                                 for r in records], np.int32)
     self.device, self.host = {}, {}  # cache name -> arrays, by where they live
-    # Uncached features come from the images inside the training step when the batch carries
-    # them, else from a pass of the input pipeline every epoch.
-    uncached = "features" in method.train_inputs and not caches_features(config, method)
-    self.features_in_step = uncached and "images" in method.train_inputs
-    self.recompute_features = uncached and not self.features_in_step
+    source = feature_source(config, method)
+    self.recompute_features = source == "pipeline"
     if "images" in method.train_inputs:
       self._keep("images", decode_images(config, records, "caching images"), config.train.image_cache_device_mb)
-    if "features" in method.train_inputs and not uncached:
+    if source == "cache":
       features = compute_features(config, extractor, records, "caching features", self.mean, self.std, subclass_ids)
       features = jax.tree.map(lambda a: a.astype(feature_dtype(config)), features)
       self._keep("features", features, config.train.feature_cache_device_mb)

@@ -164,13 +164,10 @@ def _train(config, method, extractor, normalisation, split, subclass_ids, keys, 
   init_key, train_key, assign_key = keys
   n = len(split.train)
   step = make_train_step(method, normalisation, extractor)
-  features_in_step = "features" in method.train_inputs and "images" in method.train_inputs and \
-      not caches.caches_features(config, method)
-  frozen = extractor.variables if features_in_step else None
-  recomputes = "features" in method.train_inputs and not features_in_step and not caches.caches_features(
-      config, method)
+  source = caches.feature_source(config, method)
+  frozen = extractor.variables if source == "step" else None
   precompiling = None
-  if not method.derives_subclasses() and not recomputes:  # else the state's shapes depend on the data
+  if not method.derives_subclasses() and source != "pipeline":  # else the state's shapes depend on the data
     init_fn = make_init(method, normalisation, len(subclass_ids), extractor)
     precompiling = compile_ahead.start(config, method, extractor, n, init_fn, init_key, step, train_key, frozen)
   training_set = caches.TrainingSet(config, method, extractor, split.train, subclass_ids, normalisation)

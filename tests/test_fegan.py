@@ -143,7 +143,7 @@ def test_score_is_eq_8_to_10_with_training_statistics():
   method = methods.build(small_config())
   f = jnp.asarray([[[2.0, 4.0], [0.0, 6.0]]])
   r = jnp.asarray([[[1.0, 1.0], [3.0, 0.0]]])
-  state = {"score_stats": jnp.asarray([2.0, 1.0, 0.5, 1.0])}  # F mean, R mean, S min, S max (training images)
+  state = {"score_stats": {"f_mean": 2.0, "r_mean": 1.0, "s_min": 0.5, "s_max": 1.0}}  # from training images
   s = np.asarray(method.combine(state, f, r))
   expected = ((0.6 * np.asarray(f) / 2.0 + 0.4 * np.asarray(r) / 1.0) - 0.5) / 0.5
   np.testing.assert_allclose(s, expected, rtol=1e-6)
@@ -156,10 +156,10 @@ def test_finalize_takes_the_statistics_from_the_training_batches():
   state = method.init(jax.tree.map(lambda a: a[:1], batch), jax.random.key(0))
   state = method.finalize(state, [jax.tree.map(lambda a: a[:3], batch), jax.tree.map(lambda a: a[3:], batch)])
   f, r = (np.asarray(a) for a in method.maps(state, batch["images"], batch["features"]))
-  stats = np.asarray(state["score_stats"])
-  np.testing.assert_allclose(stats[:2], [f.mean(), r.mean()], rtol=1e-4)
+  stats = {k: float(v) for k, v in state["score_stats"].items()}
+  np.testing.assert_allclose([stats["f_mean"], stats["r_mean"]], [f.mean(), r.mean()], rtol=1e-4)
   s = 0.6 * f / f.mean() + 0.4 * r / r.mean()
-  np.testing.assert_allclose(stats[2:], [s.min(), s.max()], rtol=1e-4)
+  np.testing.assert_allclose([stats["s_min"], stats["s_max"]], [s.min(), s.max()], rtol=1e-4)
   scores, maps = method.score(state, batch, (32, 32))
   np.testing.assert_allclose(np.asarray(maps).min(), 0.0, atol=1e-4)  # the training images span [0, 1]
   np.testing.assert_allclose(np.asarray(maps).max(), 1.0, atol=1e-4)

@@ -42,6 +42,13 @@ class Discriminator(nn.Module):
     return x
 
 
+def discriminate(discriminator, state, x):
+  """A Discriminator's output (N,) for (N, C) inputs in inference mode, from a state holding its
+  params under params['discriminator'] and its BatchNorm statistics as batch_stats."""
+  variables = {"params": state["params"]["discriminator"], "batch_stats": state["batch_stats"]}
+  return discriminator.apply(variables, x, train=False)[:, 0]
+
+
 def truncated_l1(true_scores, fake_scores, th_pos, th_neg):
   """SimpleNet eq. 6 / RSAD eq. 7: max(0, th+ - D(q)) + max(0, -th- + D(q-)), averaged."""
   return jnp.mean(jnp.maximum(0.0, th_pos - true_scores)) + jnp.mean(jnp.maximum(0.0, fake_scores - th_neg))

@@ -177,7 +177,8 @@ class FEGAN(base.Method):
     return {"params": params,
             "batch_stats": {"generator": g_vars["batch_stats"], "discriminator": d_vars["batch_stats"]},
             "opt_state": {k: self.tx.init(v) for k, v in params.items()}, "step": jnp.zeros((), jnp.int32),
-            "score_stats": jnp.asarray([1.0, 1.0, 0.0, 1.0], jnp.float32)}  # F mean, R mean, S min, S max
+            "score_stats": {k: jnp.asarray(v, jnp.float32) for k, v in
+                            (("f_mean", 1.0), ("r_mean", 1.0), ("s_min", 0.0), ("s_max", 1.0))}}
 
   def generator_loss(self, g_params, g_stats, d_params, d_stats, images, features, key):
     """eq. 5 on one batch: (total, (terms, new generator BatchNorm stats, reconstruction))."""
@@ -231,10 +232,9 @@ class FEGAN(base.Method):
 
   def combine(self, state, f, r):
     """eq. 8 on F and R divided by their training means, then eq. 9 with the training min and max."""
-    f_mean, r_mean, s_min, s_max = (state["score_stats"][i] for i in range(4))
-    lam = self.config.model.score_lambda
-    s = lam * f / f_mean + (1.0 - lam) * r / r_mean
-    return (s - s_min) / jnp.maximum(s_max - s_min, 1e-12)
+    stats, lam = state["score_stats"], self.config.model.score_lambda
+    s = lam * f / stats["f_mean"] + (1.0 - lam) * r / stats["r_mean"]
+    return (s - stats["s_min"]) / jnp.maximum(stats["s_max"] - stats["s_min"], 1e-12)
 
   def score(self, state, inputs, image_shape):
     f, r = self.maps(state, inputs["images"], inputs["features"])
@@ -250,11 +250,10 @@ class FEGAN(base.Method):
       fs.append(np.asarray(f))
       rs.append(np.asarray(r))
     f, r = np.concatenate(fs), np.concatenate(rs)
-    f_mean, r_mean = float(f.mean()), float(r.mean())
     lam = self.config.model.score_lambda
-    s = lam * f / f_mean + (1.0 - lam) * r / r_mean
-    stats = jnp.asarray([f_mean, r_mean, float(s.min()), float(s.max())], jnp.float32)
-    return {**state, "score_stats": stats}
+    s = lam * f / f.mean() + (1.0 - lam) * r / r.mean()
+    stats = {"f_mean": f.mean(), "r_mean": r.mean(), "s_min": s.min(), "s_max": s.max()}
+    return {**state, "score_stats": {k: jnp.asarray(v, jnp.float32) for k, v in stats.items()}}
 
 
 def _vgg19_encoder_params():

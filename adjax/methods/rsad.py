@@ -176,8 +176,7 @@ class RSAD(base.Method):
 
   def discriminate(self, state, aligned):
     """The discriminator's pre-sigmoid normality logit for (N, C) aligned features, inference mode."""
-    variables = {"params": state["params"]["discriminator"], "batch_stats": state["batch_stats"]}
-    return self.discriminator.apply(variables, aligned, train=False)[:, 0]
+    return common.discriminate(self.discriminator, state, aligned)
 
   def score(self, state, inputs, image_shape):
     features = inputs["features"]

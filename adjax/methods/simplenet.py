@@ -99,8 +99,7 @@ class SimpleNet(base.Method):
 
   def discriminate(self, state, adapted):
     """The discriminator's output (higher = more normal) for (N, C) adapted features, inference mode."""
-    variables = {"params": state["params"]["discriminator"], "batch_stats": state["batch_stats"]}
-    return self.discriminator.apply(variables, adapted, train=False)[:, 0]
+    return common.discriminate(self.discriminator, state, adapted)
 
   def score(self, state, inputs, image_shape):
     features = inputs["features"]
