@@ -51,7 +51,7 @@ def get_config(arg: str = ""):
   m.lambda_fea, m.lambda_con, m.lambda_adv = 30.0, 30.0, 1.0  # Sec. IV-C, eq. 5
   m.score_lambda = 0.6         # eq. 8's lambda (Sec. IV-C, Fig. 10)
   m.lr, m.weight_decay = 2e-4, 1e-5  # Sec. IV-C: Adam
-  m.adam_b1, m.adam_b2 = 0.9, 0.999  # not given in the paper: torch Adam's defaults
+  m.adam_b1, m.adam_b2, m.adam_eps = 0.9, 0.999, 1e-8  # not given in the paper: torch Adam's defaults
   c.data.name, c.data.category = "mvtec_ad", "all"
   c.data.image_size = c.data.crop_size = 256  # Sec. IV-C: scaled to 256x256 RGB
   c.train.epochs, c.train.batch_size = 200, 16

@@ -146,11 +146,12 @@ def conv_transpose_4x4_s2(x, kernel, bias=None):
 
 
 class ConvTranspose4x4S2(nn.Module):
-  """conv_transpose_4x4_s2 with parameters `kernel` (4, 4, C_in, C_out) and `bias`."""
+  """conv_transpose_4x4_s2 with parameters `kernel` (4, 4, C_in, C_out) and, if use_bias, `bias`."""
   features: int
+  use_bias: bool = True
 
   @nn.compact
   def __call__(self, x):
     kernel = self.param("kernel", nn.initializers.lecun_normal(), (4, 4, x.shape[-1], self.features))
-    bias = self.param("bias", nn.initializers.zeros, (self.features,))
+    bias = self.param("bias", nn.initializers.zeros, (self.features,)) if self.use_bias else None
     return conv_transpose_4x4_s2(x, kernel, bias)

@@ -18,14 +18,15 @@ ImageNet weights (the default of the paper protocol: the paper's encoder "capita
 deep feature extraction prowess of VGG19"); 'scratch' starts it randomly (needed for other
 widths and FENs).
 Discriminator: the paper does not describe it; a DCGAN-style one (Radford et al. 2016):
-4x4 stride-2 convolutions, LeakyReLU 0.2, BatchNorm after the first, a 1-channel 4x4 output
-convolution averaged over positions (one logit per image at any input size).
+4x4 stride-2 convolutions, LeakyReLU 0.2, BatchNorm after the first (those convolutions without
+bias, as DCGAN's), a 1-channel 4x4 output convolution averaged over positions (one logit per image at any input size).
 Losses (Sec. III-E), each averaged over its elements: eq. 1 L_fea = mean over locations of
 ||theta*(x) - theta(x~)||_2 (the per-location distance eq. 6 scores), eq. 3 L_con =
 mean |x - G(x~)|, eq. 4 L_adv as binary cross-entropy, the generator's in its non-saturating
 form -log D(G(x~)); eq. 5 weights them 30 / 30 / 1. One jitted step updates the discriminator
 and the generator, both from the same batch (the generator against the discriminator before
-its update). Adam, lr 2e-4, L2 weight decay 1e-5 (torch Adam's) for both (Sec. IV-C).
+its update); the discriminator sees real and reconstructed batches in separate calls, as
+DCGAN's and anomalib's GANomaly training steps do. Adam, lr 2e-4, L2 weight decay 1e-5 (torch Adam's) for both (Sec. IV-C).
 M-SE (eq. 2, Sec. III-D) and Table 6's alternatives: adjax/data/augment.py, on the device.
 Score (Sec. III-F): eq. 6 F = per-location ||theta*(x) - theta(x)||_2, upsampled bilinearly to
 the image; eq. 7 R = per-pixel ||x - G(x)||_2 over the colour channels (at test time the
@@ -76,7 +77,8 @@ class Decoder(nn.Module):
   @nn.compact
   def __call__(self, x, train: bool):
     for i, w in enumerate((256, 128, 64)):
-      x = layers.ConvTranspose4x4S2(max(1, int(w * self.width)), name=f"deconv{i}")(x)
+      # No bias before a BatchNorm (as DCGAN): its mean subtraction cancels one, whose gradient is zero.
+      x = layers.ConvTranspose4x4S2(max(1, int(w * self.width)), use_bias=False, name=f"deconv{i}")(x)
       x = nn.relu(nn.BatchNorm(use_running_average=not train, momentum=0.9, epsilon=1e-5, name=f"bn{i}")(x))
     return layers.ConvTranspose4x4S2(3, name="deconv3")(x)
 
@@ -99,7 +101,8 @@ class Discriminator(nn.Module):
   @nn.compact
   def __call__(self, x, train: bool):
     for i, w in enumerate((64, 128, 256, 512)):
-      x = nn.Conv(max(1, int(w * self.width)), (4, 4), (2, 2), padding=((1, 1), (1, 1)), name=f"conv{i}")(x)
+      x = nn.Conv(max(1, int(w * self.width)), (4, 4), (2, 2), padding=((1, 1), (1, 1)), use_bias=i == 0,
+                  name=f"conv{i}")(x)
       if i > 0:
         x = nn.BatchNorm(use_running_average=not train, momentum=0.9, epsilon=1e-5, name=f"bn{i}")(x)
       x = nn.leaky_relu(x, 0.2)
@@ -148,7 +151,8 @@ class FEGAN(base.Method):
     super().__init__(config)
     m = config.model
     self.discriminator = Discriminator(m.width)
-    adam = optax.chain(optax.add_decayed_weights(m.weight_decay), optax.adam(m.lr, b1=m.adam_b1, b2=m.adam_b2))
+    adam = optax.chain(optax.add_decayed_weights(m.weight_decay), optax.adam(m.lr, b1=m.adam_b1, b2=m.adam_b2,
+                                                                                  eps=m.adam_eps))
     self.tx = adam  # one transform, applied to each network's parameters separately
 
   def make_extractor(self):
@@ -198,11 +202,14 @@ class FEGAN(base.Method):
     return total, (terms, g_updates["batch_stats"], recon)
 
   def discriminator_loss(self, d_params, d_stats, images, recon):
-    """eq. 4 for D on the real images and the (detached) reconstructions, one call over both."""
-    logits, updates = self.discriminator.apply({"params": d_params, "batch_stats": d_stats},
-                                               jnp.concatenate([images, jax.lax.stop_gradient(recon)]), train=True,
-                                               mutable=["batch_stats"])
-    real, fake = jnp.split(logits, 2)
+    """eq. 4 for D: the real images and the (detached) reconstructions in two calls, so that
+    BatchNorm normalises each batch by its own statistics, as in the generator's pass over the
+    reconstructions alone (a joint batch would let D separate them by statistics that the
+    generator's pass never shows it); the running statistics are updated by both, in order."""
+    variables = lambda stats: {"params": d_params, "batch_stats": stats}
+    real, updates = self.discriminator.apply(variables(d_stats), images, train=True, mutable=["batch_stats"])
+    fake, updates = self.discriminator.apply(variables(updates["batch_stats"]), jax.lax.stop_gradient(recon),
+                                             train=True, mutable=["batch_stats"])
     return bce_logits(real, 1.0) + bce_logits(fake, 0.0), updates["batch_stats"]
 
   def train_step(self, state, batch, key):
