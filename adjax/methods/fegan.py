@@ -26,7 +26,8 @@ mean |x - G(x~)|, eq. 4 L_adv as binary cross-entropy, the generator's in its no
 form -log D(G(x~)); eq. 5 weights them 30 / 30 / 1. One jitted step updates the discriminator
 and the generator, both from the same batch (the generator against the discriminator before
 its update); the discriminator sees real and reconstructed batches in separate calls, as
-DCGAN's and anomalib's GANomaly training steps do. Adam, lr 2e-4, L2 weight decay 1e-5 (torch Adam's) for both (Sec. IV-C).
+DCGAN's and anomalib's GANomaly training steps do. Adam, lr 2e-4, L2 weight decay 1e-5
+(torch Adam's) for both (Sec. IV-C).
 M-SE (eq. 2, Sec. III-D) and Table 6's alternatives: adjax/data/augment.py, on the device.
 Score (Sec. III-F): eq. 6 F = per-location ||theta*(x) - theta(x)||_2, upsampled bilinearly to
 the image; eq. 7 R = per-pixel ||x - G(x)||_2 over the colour channels (at test time the
