@@ -48,7 +48,8 @@ def anomaly_maps(patch_maps: jax.Array, size: int, sigma: float) -> jax.Array:
 
 def make_scorer(config, method, extractor):
   """The jitted scoring program: (state, extractor variables or None, normalised images
-  (B, S, S, 3)) -> (image scores (B,), anomaly maps (B, S, S)); the method gets the inputs it
+  (B, S, S, 3)) -> (image scores (B,), anomaly maps (B, S, S), the method's per-image
+  diagnostics {name: (B, ...)}); the method gets the inputs it
   declared (`score_inputs`). The frozen variables are an argument, never closed over: XLA
   would embed them in the program as constants (benchmarks/README.md)."""
   @jax.jit
@@ -59,7 +60,8 @@ def make_scorer(config, method, extractor):
     if "images" in method.score_inputs:
       inputs["images"] = images
     image_scores, patch_maps = method.score(state, inputs, images.shape[1:3])
-    return image_scores, anomaly_maps(patch_maps, images.shape[1], config.eval.smoothing_sigma)
+    maps = anomaly_maps(patch_maps, images.shape[1], config.eval.smoothing_sigma)
+    return image_scores, maps, method.diagnostics(state, inputs)
   return score_batch
 
 
@@ -73,34 +75,65 @@ def score_dataset(config, method, state, extractor, records, desc, scorer=None):
       shard_index=0, shard_count=1)
   score_batch = scorer or make_scorer(config, method, extractor)
   variables = None if extractor is None else extractor.variables
-  scores, maps, masks, labels, images = [], [], [], [], []
+  scores, maps, masks, labels, images, diagnostics = [], [], [], [], [], []
   with progress.bar(len(records), desc) as bar:
     for batch in dataset:
       count = len(batch["label"])
-      s, m = score_batch(state, variables, pipeline.pad_batch(batch["image"], config.eval.batch_size))
+      s, m, d = score_batch(state, variables, pipeline.pad_batch(batch["image"], config.eval.batch_size))
       scores.append(np.asarray(s[:count]))
       maps.append(np.asarray(m[:count]))
+      diagnostics.append({k: np.asarray(v[:count]) for k, v in d.items()})
       masks.append(batch["mask"])
       labels.append(batch["label"])
       images.append(batch["image"])
       bar.update(len(batch["label"]))
+  names = diagnostics[0] if diagnostics else {}
   return {"scores": np.concatenate(scores), "maps": np.concatenate(maps), "masks": np.concatenate(masks),
-          "labels": np.concatenate(labels), "images": np.concatenate(images)}
+          "labels": np.concatenate(labels), "images": np.concatenate(images),
+          "diagnostics": {k: np.concatenate([d[k] for d in diagnostics]) for k in names}}
+
+
+def _subset(scored, masks, sel, config) -> dict:
+  sub = metrics.evaluate(scored["labels"][sel], scored["scores"][sel], masks[sel] if masks is not None else None,
+                         scored["maps"][sel] if masks is not None else None, config.eval.pro_fpr_limit)
+  return {k: sub[k] for k in ("image_auroc", "pixel_auroc", "aupro", "num_images", "num_anomalous")}
+
+
+def _mean_of(groups: dict, key: str):
+  values = [g[key] for g in groups.values() if g[key] is not None]
+  return float(np.mean(values)) if values else None
 
 
 def category_metrics(split, scored, config) -> dict:
+  """metrics.evaluate over the whole test set, then per defect type (its anomalous images
+  against every normal test image) and, where the data has subclasses, per subclass (seen
+  and unseen), pooled over the seen and over the unseen ones, and Adapted-MoE's Table 1
+  figure: the mean over unseen subclasses of each subclass's own AUROC."""
   masks = scored["masks"] if split.has_masks else None
   result = metrics.evaluate(scored["labels"], scored["scores"], masks, scored["maps"] if split.has_masks else None,
                             config.eval.pro_fpr_limit)
-  # Seen/unseen subclass breakdown (Adapted-MoE's setting) where subclasses exist.
+  defect_types = np.array([r.defect_type for r in split.test])
+  normal = scored["labels"] == 0
+  result["defect_types"] = {d: _subset(scored, masks, normal | (defect_types == d), config)
+                            for d in sorted(set(defect_types[~normal]))}
   if split.unseen_subclasses:
-    unseen = np.array([r.subclass in split.unseen_subclasses for r in split.test])
+    subclass = np.array([r.subclass for r in split.test])
+    unseen = np.isin(subclass, split.unseen_subclasses)
     for name, sel in (("seen", ~unseen), ("unseen", unseen)):
-      sub = metrics.evaluate(scored["labels"][sel], scored["scores"][sel],
-                             masks[sel] if masks is not None else None,
-                             scored["maps"][sel] if masks is not None else None, config.eval.pro_fpr_limit)
-      result[name] = {k: sub[k] for k in ("image_auroc", "pixel_auroc", "aupro")}
+      result[name] = _subset(scored, masks, sel, config)  # pooled over that group's images
+    result["subclasses"] = {c: {**_subset(scored, masks, subclass == c, config), "unseen": c in split.unseen_subclasses}
+                            for c in sorted(set(subclass))}
+    per_unseen = {c: v for c, v in result["subclasses"].items() if v["unseen"]}
+    result["unseen_subclass_mean"] = {k: _mean_of(per_unseen, k) for k in ("image_auroc", "pixel_auroc")}
   return result
+
+
+def log_diagnostics(category, diagnostics) -> dict:
+  """The method's per-image diagnostic vectors summed over the test set, logged one line each."""
+  totals = {name: np.asarray(values).sum(axis=0).astype(int).tolist() for name, values in diagnostics.items()}
+  for name, total in totals.items():
+    logging.info("%s: %s: %s", category, name, total)
+  return totals
 
 
 def _colormap(x: np.ndarray) -> np.ndarray:
@@ -161,11 +194,27 @@ def write_reports(workdir: str, report: dict, config) -> dict:
     lines.append(f"| {name} | " + " | ".join(_fmt(values.get(c)) for c in columns) + " |")
   sub_rows = [(n, v) for n, v in per_category.items() if "unseen" in v]
   if sub_rows:
-    lines += ["", "Seen / unseen subclasses (image AUROC, pixel AUROC):", "",
-              "| category | seen I | seen P | unseen I | unseen P |", "|---|---|---|---|---|"]
+    lines += ["", "Seen / unseen subclasses, pooled over each group's images (image AUROC, pixel AUROC), and the "
+              "mean over unseen subclasses of each one's own AUROC (Adapted-MoE's Table 1 'Average'):", "",
+              "| category | seen I | seen P | unseen I | unseen P | unseen mean I | unseen mean P |",
+              "|---|---|---|---|---|---|---|"]
     for n, v in sub_rows:
       lines.append(f"| {n} | {_fmt(v['seen']['image_auroc'])} | {_fmt(v['seen']['pixel_auroc'])} | "
-                   f"{_fmt(v['unseen']['image_auroc'])} | {_fmt(v['unseen']['pixel_auroc'])} |")
+                   f"{_fmt(v['unseen']['image_auroc'])} | {_fmt(v['unseen']['pixel_auroc'])} | "
+                   f"{_fmt(v['unseen_subclass_mean']['image_auroc'])} | "
+                   f"{_fmt(v['unseen_subclass_mean']['pixel_auroc'])} |")
+    lines += ["", "Per subclass (image AUROC, pixel AUROC):", "", "| category | subclass | unseen | I | P |",
+              "|---|---|---|---|---|"]
+    for n, v in sub_rows:
+      for c, m in v["subclasses"].items():
+        lines.append(f"| {n} | {c} | {'yes' if m['unseen'] else ''} | {_fmt(m['image_auroc'])} | "
+                     f"{_fmt(m['pixel_auroc'])} |")
+  type_rows = [(n, d, m) for n, v in per_category.items() for d, m in v.get("defect_types", {}).items()]
+  if type_rows:
+    lines += ["", "Per defect type, its images against every normal test image (image AUROC, pixel AUROC):", "",
+              "| category | defect type | images | I | P |", "|---|---|---|---|---|"]
+    lines += [f"| {n} | {d} | {m['num_anomalous']} | {_fmt(m['image_auroc'])} | {_fmt(m['pixel_auroc'])} |"
+              for n, d, m in type_rows]
   lines += ["", "Values in %. f1_max thresholds are read off the test set (they describe, not select); "
             "pixel_iou binarises the maps at the pixel F1-max threshold.", ""]
   io_utils.write_text(os.path.join(workdir, "metrics.md"), "\n".join(lines))

@@ -1,5 +1,5 @@
 """The shared run loop, top to bottom: `run` reads and checks every category's data, then per
-category fits the method (`fit_category`: caches, init, `train_gradient`'s checkpointed epochs,
+category fits the method (`fit_category`: caches, init, prepare, `train_gradient`'s checkpointed epochs,
 finalize, calibrate) or restores it, scores the test images and writes the reports.
 
 Methods are reached only through the protocol in adjax/methods/base.py; checkpoints and the
@@ -175,11 +175,14 @@ def _train(config, method, extractor, normalisation, split, subclass_ids, keys, 
     training_set.subclass = np.asarray(
         method.assign_subclasses(training_set.all_features(), training_set.subclass, assign_key), np.int32)
   _log_subclasses(split.category, subclass_ids, training_set.subclass)
+  method.check_subclasses(int(training_set.subclass.max()) + 1, split.category)
   if precompiling is None:
     init_fn = make_init(method, normalisation, int(training_set.subclass.max()) + 1, extractor)
   else:
     precompiling.result()
   state = init_fn(training_set.sample(), init_key, frozen)
+  if method.prepares():
+    state = method.prepare(state, training_set.all_features(), split.category)
 
   def batches():  # a generator function: nothing is read unless finalize iterates it
     for batch in training_set.epoch(np.arange(n), config.train.batch_size):
@@ -210,6 +213,8 @@ def run(config, workdir: str, mode: str) -> dict:
     scored = evaluate.score_dataset(config, method, state, extractor, split.test, f"scoring {split.category}",
                                     scorer)
     per_category[split.category] = evaluate.category_metrics(split, scored, config)
+    if scored["diagnostics"]:
+      per_category[split.category]["diagnostics"] = evaluate.log_diagnostics(split.category, scored["diagnostics"])
     if parallel.is_main_process():
       evaluate.write_overlays(os.path.join(workdir, "overlays", split.category), split, scored,
                               method.normalisation(extractor), config.eval.num_overlays)

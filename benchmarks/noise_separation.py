@@ -49,13 +49,13 @@ def load_run(spec: str):
     except (ValueError, SyntaxError):  # a bare word such as model.aligner=fc is a string
       if not isinstance(old, str):
         raise
-    config[section][field] = type(old)(value) if isinstance(old, (tuple, list)) else value
+    config[section][field] = type(old)(value) if isinstance(old, (tuple, list, str)) else value
   return config
 
 
 def normality_logits(method, state, features, noise_key):
   """Discriminator outputs for the clean adapted features and their noised copies (eq. 6)."""
-  true = method.adapt(state, features)
+  true = method.adapt(state, features * state["feature_scale"])
   fake = true + method.config.model.noise_std * jax.random.normal(noise_key, true.shape)
   return method.discriminate(state, true), method.discriminate(state, fake)
 
@@ -74,8 +74,7 @@ def main():
   for spec in [s.strip() for s in args.runs.split(",")]:
     config = load_run(spec)
     method = methods.build(config)  # SimpleNet or RSAD: both have adapt and discriminate
-    key = (config.data.image_size, config.data.crop_size, config.model.backbone, tuple(config.model.layers),
-           config.model.get("feature_scale", 1.0))
+    key = (config.data.image_size, config.data.crop_size, config.model.backbone, tuple(config.model.layers))
     if key not in cache:
       extractor = method.make_extractor()
       cache[key] = caches.compute_features(config, extractor, records, "features", *method.normalisation(extractor))
@@ -83,6 +82,8 @@ def main():
     n, h, w, _ = features.shape
     crop = min(args.crop, h, w)
     state = method.init({"features": features[:1, :crop, :crop]}, jax.random.key(config.seed))
+    if method.prepares():  # model.feature_scale='auto': from these training features, as train.py does
+      state = method.prepare(state, features, args.category)
     step = jax.jit(lambda s, b, k, m=method: m.train_step(s, {"features": b}, k))
     probe = jnp.asarray(features[:4])
     rng, key = np.random.default_rng(config.seed), jax.random.key(config.seed + 1)

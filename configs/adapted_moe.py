@@ -72,4 +72,5 @@ def get_config(arg: str = ""):
   else:  # texture_ad_<category>
     configlib.wrn50_paper(c, "texture_ad")
     c.data.category = dataset.removeprefix("texture_ad_")
+  configlib.feature_scale(c)  # after the backbone is chosen: 'auto' unless it is the paper's
   return c

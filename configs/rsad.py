@@ -50,6 +50,7 @@ def get_config(arg: str = ""):
   c.train.epochs = 160         # Sec. 4: 160 epochs, batch 4, 256 -> 224
   c.train.batch_size = 4
   c.data.image_size, c.data.crop_size = 256, 224
+  c.eval.smoothing_sigma = 4.0  # not in the paper: SimpleNet's Gaussian (sigma 4), the code RSAD builds on [32]
   if arg == "":
     configlib.lite0_demo(c)
     c.train.epochs = 16
@@ -57,4 +58,5 @@ def get_config(arg: str = ""):
     configlib.wrn50_paper(c, arg)
   else:  # mvtec_ad_lite0
     configlib.lite0_real_data(c, "mvtec_ad")
+  configlib.feature_scale(c)  # after the backbone is chosen: 'auto' unless it is the paper's
   return c

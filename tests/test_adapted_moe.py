@@ -3,6 +3,7 @@
 import jax
 import jax.numpy as jnp
 import numpy as np
+import pytest
 
 from adjax.methods import adapted_moe as am
 from adjax.methods import common
@@ -150,3 +151,72 @@ def test_kmeans_subclasses_when_the_dataset_has_none():
   features = np.concatenate([rng.normal(-2, 0.1, (5, 3, 3, 4)), rng.normal(2, 0.1, (5, 3, 3, 4))]).astype(np.float32)
   labels = am.AdaptedMoE(config).assign_subclasses(features, np.zeros(10, np.int32), jax.random.key(0))
   assert len(set(labels[:5])) == 1 and len(set(labels[5:])) == 1 and labels[0] != labels[5]
+
+
+def test_both_routing_losses_send_each_subclass_to_its_own_expert():
+  # Three subclasses with different feature means; before the softmax row routed by the
+  # classifier, its centers stayed at zero and every image went to expert 0.
+  rng = np.random.default_rng(3)
+  means = rng.normal(0, 1.0, (3, 1, 1, 16))
+  labels = np.arange(24) % 3
+  features = (means[labels] + rng.normal(0, 0.3, (24, 5, 5, 16))).astype(np.float32)
+  for loss in ("center", "softmax"):
+    config = small_config()
+    config.model.routing_loss, config.model.routing_lr = loss, 1e-2  # a few steps suffice on this toy set
+    method = am.AdaptedMoE(config)
+    state = method.init({"features": features}, jax.random.key(0), num_subclasses=3)
+    step = jax.jit(method.train_step)
+    for t in range(60):
+      idx = np.arange(8 * (t % 3), 8 * (t % 3) + 8)
+      state, _ = step(state, {"features": features[idx], "subclass": labels[idx].astype(np.int32)},
+                      jax.random.key(t))
+    routed = np.asarray(method.route(state, features)[0][:, 0])
+    assert (routed == labels).mean() >= 0.9, (loss, routed, labels)
+
+
+def test_moe_on_data_without_subclasses_says_so(caplog):
+  import logging
+  method = am.AdaptedMoE(small_config())
+  with caplog.at_level(logging.WARNING):
+    method.check_subclasses(1, "bottle")
+  assert "bottle: the training images have no subclasses" in caplog.text and "subclass_source=kmeans" in caplog.text
+  caplog.clear()
+  with caplog.at_level(logging.WARNING):
+    method.check_subclasses(3, "cloth")
+    am.AdaptedMoE(small_config("baseline")).check_subclasses(1, "bottle")  # no MoE asked for: nothing to say
+  assert not caplog.text
+
+
+def test_kmeans_subclasses_need_a_cluster_count():
+  from adjax.errors import ConfigError
+  config = small_config()
+  config.model.subclass_source = "kmeans"  # num_experts keeps its default 0
+  with pytest.raises(ConfigError, match="model.num_experts"):
+    am.AdaptedMoE(config)
+
+
+def test_report_has_routing_counts_and_per_subclass_and_table_1_figures(tmp_path, synthetic_root, caplog):
+  import json
+  import logging
+
+  from adjax import train
+  config = small_config()
+  config.data.root, config.data.category = synthetic_root, "cloth"
+  config.data.image_size = config.data.crop_size = 64
+  config.train.epochs, config.eval.num_overlays = 1, 0
+  with caplog.at_level(logging.INFO):
+    report = train.run(config, str(tmp_path), "train")["cloth"]
+  counts = report["diagnostics"]["expert routing counts"]
+  assert len(counts) == 3 and sum(counts) == report["num_images"]  # top-1: each test image once
+  assert f"cloth: expert routing counts: {counts}" in caplog.text
+  subclasses = report["subclasses"]
+  unseen = [name for name, m in subclasses.items() if m["unseen"]]
+  assert len(subclasses) == 5 and len(unseen) == 2
+  expected = np.mean([subclasses[name]["image_auroc"] for name in unseen])
+  assert report["unseen_subclass_mean"]["image_auroc"] == pytest.approx(expected)
+  assert report["unseen"]["image_auroc"] is not None  # the pooled figure keeps its meaning
+  assert set(report["defect_types"]) and all(m["num_anomalous"] > 0 for m in report["defect_types"].values())
+  written = json.load(open(tmp_path / "metrics.json"))["metrics"]["cloth"]
+  assert written["unseen_subclass_mean"] == report["unseen_subclass_mean"]
+  markdown = (tmp_path / "metrics.md").read_text()
+  assert "Per subclass" in markdown and "Per defect type" in markdown and "unseen mean I" in markdown

@@ -54,4 +54,22 @@ def test_unknown_variants_get_a_config_error_naming_them(file, arg, named):
 def test_pfm_configs_carry_no_patch_feature_keys():
   model = pfm.get_config("").model
   assert not {"pretrain_embed_dim", "target_embed_dim", "patch_size", "feature_scale"} & set(model.keys())
-  assert simplenet.get_config("").model.feature_scale == 0.05
+  assert "feature_scale" not in patch_knn.get_config("").model  # a nearest-neighbour distance needs no scale
+  assert simplenet.get_config("").model.feature_scale == "auto"
+
+
+def test_pfm_variants_follow_the_paper():
+  # Sec. IV-A: VGG pairs tap "the last three downsampling layers".
+  vgg = pfm.get_config("vgg16_vgg19").model
+  assert tuple(vgg.layers) == tuple(vgg.source_layers) == ("pool3", "pool4", "pool5")
+  # Table VII, cases 1-2: "the third hierarchical feature is only used for mapping".
+  assert pfm.get_config("r18_r34,model=pfm").model.hierarchies == (2,)
+  assert pfm.get_config("r18_r34,model=bpfm").model.hierarchies == (2,)
+  assert pfm.get_config("r18_r34,hierarchies=12").model.hierarchies == (1, 2)  # cases 5-7: pairs
+  assert pfm.get_config("r18_r34").model.hierarchies == (0, 1, 2)  # case 8
+  # ResNet18 and ResNet34 have the same widths, so R18-50 takes R34-50's latents.
+  assert pfm.get_config("r18_r50").model.latent == pfm.get_config("r34_r50").model.latent == (200, 400, 900)
+  for bad in ("r18_r34,hierarchies=1", "r18_r34,hierarchies=113", "r18_r34,model=bpfm,hierarchies=12",
+              "r18_r34,hierarchies=35", "r18_r34,model=bpfm,hierarchy=3"):
+    with pytest.raises(ConfigError, match="hierarch"):
+      pfm.get_config(bad)

@@ -34,7 +34,7 @@ def test_positions_are_l2_normalised_and_identity_mapping_scores_zero():
 
 
 def test_bpfm_shares_one_mapping_unit_between_directions():
-  c = config("bpfm")
+  c = config("bpfm_h1")
   f = features()
   method = pfm.PFM(c)
   state = method.init({"features": f}, jax.random.key(0))
@@ -57,7 +57,7 @@ def test_bpfm_shares_one_mapping_unit_between_directions():
     grads = jax.grad(direction_loss)(params, which)
     assert float(jnp.abs(grads["smu"]["conv"]["kernel"]).sum()) > 0, which
   # The unidirectional PFM has no reverse network at all.
-  unidirectional = pfm.PFM(config("pfm")).init({"features": f}, jax.random.key(0))["params"]["hierarchy1"]
+  unidirectional = pfm.PFM(config("pfm_h1")).init({"features": f}, jax.random.key(0))["params"]["hierarchy1"]
   assert not any(k.startswith("reverse") for k in unidirectional)
 
 

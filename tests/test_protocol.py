@@ -82,7 +82,8 @@ def test_method_contract(name, tmp_path):
     state = method.fit(train.method_batch(jax.tree.map(np.asarray, batch), normalisation), key)
   scorer = evaluate.make_scorer(config, method, extractor)
   normalised = train.method_batch({"images": images}, normalisation)["images"]
-  scores, maps = scorer(state, None if extractor is None else extractor.variables, normalised)
+  scores, maps, diagnostics = scorer(state, None if extractor is None else extractor.variables, normalised)
+  assert all(v.shape[0] == 2 and v.ndim == 2 for v in diagnostics.values())
   assert scores.shape == (2,) and scores.dtype == np.float32
   assert maps.shape == (2, SIZE, SIZE) and maps.dtype == np.float32
   assert np.isfinite(np.asarray(maps)).all()
@@ -94,7 +95,7 @@ def test_method_contract(name, tmp_path):
     np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
   # ... and without a target (as eval and predict do): plain containers that score the same.
   restored = checkpoints.restore(str(tmp_path), "cat")["state"]
-  again, _ = scorer(restored, None if extractor is None else extractor.variables, normalised)
+  again = scorer(restored, None if extractor is None else extractor.variables, normalised)[0]
   np.testing.assert_array_equal(np.asarray(again), np.asarray(scores))
 
 

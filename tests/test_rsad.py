@@ -131,3 +131,19 @@ def test_unknown_focal_target_is_a_config_error_when_the_method_is_built():
   config.model.focal_on = "pixels"
   with pytest.raises(ConfigError, match="model.focal_on"):
     rsad.RSAD(config)
+
+
+def test_aligner_has_eq_10s_two_monas():
+  # eq. 10 with m = 1536, n = 64: 2 x ((2n + 3)m + n^2 + 84n + 2) = 421,380 (the paper's 0.42 M, Table 5's
+  # 1.65% of WideResNet50's 25.5 M). The reference implementation's Mona has per-channel LayerNorm
+  # scales gamma and gammax (2m where eq. 10 counts 2 scalars) and biases on its three depth-wise
+  # convolutions and its 1x1 projector (4n that eq. 10 leaves out).
+  m, n = 1536, 64
+  config = rsad_config.get_config("mpdd")
+  params = rsad.RSAD(config).aligner.init(jax.random.key(0), np.zeros((1, 3, 3, m), np.float32), train=False)
+  count = sum(int(np.prod(p.shape)) for p in jax.tree.leaves(params["params"]))
+  eq10 = 2 * ((2 * n + 3) * m + n ** 2 + 84 * n + 2)
+  assert eq10 == 421_380
+  assert count == eq10 + 2 * (2 * m - 2 + 4 * n)
+  assert sorted(params["params"]) == ["mona0", "mona1"]
+  assert 0.0160 < count / 25.5e6 < 0.0170  # Table 5: 1.65% of the backbone

@@ -132,8 +132,7 @@ def make_feature_fn(model_config) -> FeatureExtractor:
   @jax.jit
   def features(variables, images):
     maps = extract(variables, images)
-    features = patch_features([maps[t].astype(jnp.float32) for t in layers], model_config.pretrain_embed_dim,
-                              model_config.target_embed_dim, model_config.patch_size)
-    return features * model_config.feature_scale
+    return patch_features([maps[t].astype(jnp.float32) for t in layers], model_config.pretrain_embed_dim,
+                          model_config.target_embed_dim, model_config.patch_size)
 
   return FeatureExtractor(features, variables, backbones.get_spec(model_config.backbone))

@@ -10,7 +10,8 @@ expert losses (eq. 3). Experts share one set of stacked parameters (leading expe
 each image's patches go through its expert by an index, so E experts cost one batched call.
 
 Inference: cosine similarity of the test embedding to the centers, softmax, top-k experts,
-scores averaged with the softmax weights (eq. 4). TTA (eq. 5-6): the image's patch features
+scores averaged with the softmax weights (eq. 4); with `routing_loss='softmax'` (no centers
+are learned) the routing classifier's softmax takes the similarities' place. TTA (eq. 5-6): the image's patch features
 are shifted and scaled to the chosen expert's training mean and std, then L2-normalised.
 
 Where the paper is silent or ambiguous, the official code (github ray3572/AdaptedMoE) decides:
@@ -23,7 +24,9 @@ Where the paper is silent or ambiguous, the official code (github ray3572/Adapte
 - top_k defaults to 1 (`topK=1`); experts are SimpleNet discriminators; each expert's
   BatchNorm sees one image's real + noised patches, as the reference calls each expert per
   image; an expert that gets no image in a batch is not updated (torch Adam skips
-  parameters without gradients).
+  parameters without gradients). optax's Adam keeps one step count for all parameters, so an
+  expert's bias corrections use the global step where torch would use its own count: the
+  two differ in update size only while 0.999^t is not yet small (the first ~1000 steps).
 - The reference routes with a per-patch linear classifier and its center-loss term is a
   no-op (a line break detaches it from the loss); adjax implements the paper's routing.
 - alpha = 0.1 (the reference's center-loss weight); center_lr = 0.5 (Wen et al.).
@@ -106,7 +109,7 @@ def test_time_adapt(q, mean, std):
 
 
 
-class AdaptedMoE(base.Method):
+class AdaptedMoE(common.FeatureScale, base.Method):
   """Shared adaptor, routing network and stacked SimpleNet experts on cached patch features."""
 
   @classmethod
@@ -117,7 +120,8 @@ class AdaptedMoE(base.Method):
       if m[key] not in allowed:
         raise ConfigError(f"model.{key} must be one of {list(allowed)}, not '{m[key]}'.")
     if m.subclass_source == "kmeans" and m.num_experts < 2:
-      raise ConfigError(f"model.subclass_source='kmeans' needs model.num_experts >= 2 clusters, not {m.num_experts}.")
+      raise ConfigError(f"model.subclass_source='kmeans' needs model.num_experts >= 2 clusters, not {m.num_experts}: "
+                        "set --config.model.num_experts to the number of subclasses to derive (e.g. 3).")
     if m.top_k < 1:
       raise ConfigError(f"model.top_k must be at least 1, not {m.top_k}.")
 
@@ -140,6 +144,14 @@ class AdaptedMoE(base.Method):
   def routing_net(self, experts: int) -> RoutingNet:
     """The routing network for `experts` classes (its classifier's width is the state's expert count)."""
     return RoutingNet(self.routing_width, experts, self.config.model.norm)
+
+  def check_subclasses(self, num_subclasses, label=""):
+    """An MoE over one subclass is one SimpleNet expert: said at start-up, not left silent."""
+    if self.config.model.moe and num_subclasses < 2:
+      from absl import logging
+      logging.warning("%s: the training images have no subclasses, so model.moe trains one expert (SimpleNet "
+                      "with a routing network that has nothing to route). To derive subclasses, set "
+                      "model.subclass_source=kmeans and model.num_experts=<clusters>.", label)
 
   def derives_subclasses(self) -> bool:
     return self.config.model.subclass_source == "kmeans"
@@ -173,7 +185,7 @@ class AdaptedMoE(base.Method):
     return {"params": params, "batch_stats": expert_vars["batch_stats"], "opt_state": self.tx.init(params),
             "centers": jnp.zeros((e, self.routing_width), jnp.float32),
             "expert_mean": jnp.zeros((e, c), jnp.float32), "expert_std": jnp.ones((e, c), jnp.float32),
-            "step": jnp.zeros((), jnp.int32)}
+            "step": jnp.zeros((), jnp.int32), "feature_scale": self.initial_feature_scale()}
 
   def expert_inputs(self, params, features):
     """The shared adaptor's output for every patch, (B, HW, C)."""
@@ -225,7 +237,7 @@ class AdaptedMoE(base.Method):
     labels = batch["subclass"]
     grad_fn = jax.value_and_grad(self.loss_fn, argnums=0, has_aux=True)
     (_, (metrics, new_stats, experts, embeddings)), grads = grad_fn(
-        state["params"], state, batch["features"], labels, key)
+        state["params"], state, batch["features"] * state["feature_scale"], labels, key)
     updates, opt_state = self.tx.update(grads, state["opt_state"], state["params"])
     params = optax.apply_updates(state["params"], updates)
     batch_stats, touched = _merge_expert_stats(state["batch_stats"], new_stats, experts, e)
@@ -238,21 +250,31 @@ class AdaptedMoE(base.Method):
             "step": state["step"] + 1}, metrics
 
   def route(self, state, features):
-    """(top-k expert indices (B, k), their weights (B, k)) by cosine similarity to the centers."""
+    """(top-k expert indices (B, k), their weights (B, k)): with the center loss, a softmax over
+    the cosine similarities to the centers (Sec. 2.1's inference); with the softmax loss
+    alone (Table 3), whose centers are never trained, the routing classifier's own softmax
+    (Sec. 2.1: routing is "scored by cosine similarity and softmax of the classifier")."""
     e = state["centers"].shape[0]
     b = features.shape[0]
     if not self.config.model.moe or e == 1:
       return jnp.zeros((b, 1), jnp.int32), jnp.ones((b, 1))
-    embeddings, _ = self.routing_net(e).apply({"params": state["params"]["routing"]}, features)
-    similarity = _l2(embeddings) @ _l2(state["centers"]).T
-    probabilities = jax.nn.softmax(similarity, axis=-1)
+    embeddings, logits = self.routing_net(e).apply({"params": state["params"]["routing"]}, features)
+    if self.config.model.routing_loss == "softmax":
+      probabilities = jax.nn.softmax(logits, axis=-1)
+    else:
+      probabilities = jax.nn.softmax(_l2(embeddings) @ _l2(state["centers"]).T, axis=-1)
     k = min(self.config.model.top_k, e)
     weights, indices = jax.lax.top_k(probabilities, k)
     return indices, weights / weights.sum(axis=-1, keepdims=True)  # eq. 4's normalisation
 
+  def diagnostics(self, state, inputs):
+    """Per image, how many of its top-k routes go to each expert (summed: images per expert)."""
+    indices, _ = self.route(state, inputs["features"] * state["feature_scale"])
+    return {"expert routing counts": jax.nn.one_hot(indices, state["centers"].shape[0], dtype=jnp.int32).sum(1)}
+
   def score(self, state, inputs, image_shape):
     m = self.config.model
-    features = inputs["features"]
+    features = inputs["features"] * state["feature_scale"]
     b, h, w, _ = features.shape
     q = self.expert_inputs(state["params"], features)
     if m.norm:
@@ -277,12 +299,12 @@ class AdaptedMoE(base.Method):
     norm = self.config.model.norm
 
     @jax.jit
-    def inputs(params, features):
-      q = self.expert_inputs(params, features)
+    def inputs(params, features, scale):
+      q = self.expert_inputs(params, features * scale)
       return _l2(q) if norm else q
 
     for batch in batches:
-      q = np.asarray(inputs(state["params"], batch["features"]), np.float64)
+      q = np.asarray(inputs(state["params"], batch["features"], state["feature_scale"]), np.float64)
       experts = batch["subclass"] if self.config.model.moe else np.zeros_like(batch["subclass"])
       for k in range(e):
         rows = q[experts == k].reshape(-1, c)

@@ -22,7 +22,15 @@ Stages, in the order the loop calls them (all but `train_step` and `score` have 
   make_extractor() -> FeatureExtractor|None   the frozen feature network(s); None: no 'features'
   derives_subclasses() -> bool                whether assign_subclasses needs the features
   assign_subclasses(features, subclass, key) -> subclass ids (N,), before init
+  check_subclasses(num_subclasses, label)     told how many training subclasses a category has
+                                              (label: its name), before init; may warn
   init(sample, key, num_subclasses) -> state  sample: a one-record training batch of zeros
+  prepares() -> bool                          whether prepare needs the training features
+  prepare(state, features, label) -> state    after init, before the first step: statistics of
+                                              every training record's features (host arrays)
+                                              that the method keeps in its state (e.g. a
+                                              feature scale); the state's structure is
+                                              unchanged; label names the category in logs
   fit(data, key, num_subclasses) -> state     statistics-only methods; data: every training
                                               record's inputs (the train_inputs keys)
   train_step(state, batch, key) -> (state, metrics)
@@ -32,6 +40,10 @@ Stages, in the order the loop calls them (all but `train_step` and `score` have 
   score(state, inputs, image_shape) -> (image scores (B,), patch maps (B, h, w))
                                               pure and jittable; higher = more anomalous; maps
                                               at any resolution (the loop upsamples them)
+  diagnostics(state, inputs) -> {name: (B, n)} per-image vectors, jittable, computed with the
+                                              scores; the loop sums each over the test set and
+                                              logs and reports the totals (e.g. per-expert
+                                              routing counts)
   calibrate(state, scored) -> state           scored: {'scores', 'maps', 'labels'} of the
                                               calibration split, scored with `state`
 `state` is a pytree of arrays whose structure `init` (or `fit`) fixes: the loop checkpoints it
@@ -79,8 +91,18 @@ class Method:
     del features, key
     return subclass
 
+  def check_subclasses(self, num_subclasses: int, label: str = "") -> None:
+    del num_subclasses, label
+
   def init(self, sample, key, num_subclasses: int = 1):
     raise NotImplementedError(f"{type(self).__name__} trains, so it must define init")
+
+  def prepares(self) -> bool:
+    return False
+
+  def prepare(self, state, features, label=""):
+    del features, label
+    return state
 
   def fit(self, data, key, num_subclasses: int = 1):
     raise NotImplementedError(f"{type(self).__name__} has trains=False, so it must define fit")
@@ -94,6 +116,10 @@ class Method:
 
   def score(self, state, inputs, image_shape):
     raise NotImplementedError
+
+  def diagnostics(self, state, inputs):
+    del state, inputs
+    return {}
 
   def calibrate(self, state, scored):
     del scored

@@ -6,7 +6,11 @@ from collections.abc import Sequence
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
+from absl import logging
+
+from adjax.errors import ConfigError
 
 
 def torch_bias_init(fan_in: int):
@@ -61,3 +65,54 @@ def gradient_step(state, features, key, loss_fn, optimizer):
   updates, opt_state = optimizer.update(grads, state["opt_state"], state["params"])
   return {**state, "params": optax.apply_updates(state["params"], updates), "batch_stats": batch_stats,
           "opt_state": opt_state, "step": state["step"] + 1}, metrics
+
+
+def feature_spread(features, max_rows: int = 1 << 18) -> float:
+  """Median over dimensions of the per-dimension std of patch features (..., C), over every
+  location of every image (an evenly strided subset of at most max_rows locations)."""
+  flat = np.asarray(features).reshape(-1, np.shape(features)[-1])
+  flat = flat[::-(-len(flat) // max_rows)].astype(np.float64)
+  return float(np.median(flat.std(axis=0)))
+
+
+class FeatureScale:
+  """A mixin for methods whose noise sigma and thresholds assume WideResNet50's feature scale:
+  their patch features are multiplied by state['feature_scale'], a fixed
+  model.feature_scale or, with 'auto', model.feature_spread_target / feature_spread(the
+  category's training features), fitted once in `prepare` and kept with the model."""
+
+  @classmethod
+  def check_config(cls, config):
+    super().check_config(config)
+    cls.fixed_feature_scale(config.model)
+
+  @classmethod
+  def fixed_feature_scale(cls, model_config):
+    """The number model.feature_scale gives, or None for 'auto'; a ConfigError otherwise."""
+    text = str(model_config.feature_scale).strip()
+    if text == "auto":
+      return None
+    try:
+      value = float(text)
+    except ValueError:
+      value = float("nan")
+    if not value > 0:
+      raise ConfigError(f"model.feature_scale must be 'auto' or a positive number, not '{text}'.")
+    return value
+
+  def initial_feature_scale(self):
+    fixed = self.fixed_feature_scale(self.config.model)
+    return jnp.asarray(1.0 if fixed is None else fixed, jnp.float32)
+
+  def prepares(self) -> bool:
+    return self.fixed_feature_scale(self.config.model) is None
+
+  def prepare(self, state, features, label=""):
+    spread = feature_spread(features)
+    if not spread > 0:
+      raise ConfigError(f"{label}: model.feature_scale='auto' found training features with no spread (every "
+                        "patch the same); set model.feature_scale to a number, or check the training images.")
+    scale = self.config.model.feature_spread_target / spread
+    logging.info("%s: feature scale %.4g (auto): the training features' median per-dimension std %.4g -> %.4g "
+                 "(model.feature_spread_target)", label, scale, spread, self.config.model.feature_spread_target)
+    return {**state, "feature_scale": jnp.asarray(scale, jnp.float32)}

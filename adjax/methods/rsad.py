@@ -1,8 +1,8 @@
 """RSAD (Li et al., Pattern Recognition Letters 2025): SimpleNet with a Mona feature aligner
 and a focal loss.
 
-Four stages (Sec. 3): patch features (frozen backbone) -> feature aligner (Mona adapter,
-eq. 5) -> defect feature fuser (Gaussian noise, eq. 6) -> three-layer MLP discriminator
+Four stages (Sec. 3): patch features (frozen backbone) -> feature aligner (two Mona adapters,
+eq. 5 and 10) -> defect feature fuser (Gaussian noise, eq. 6) -> three-layer MLP discriminator
 with sigmoid, D = normality in (0, 1) ("positive values for normal features and negative values
 for anomalous features" before the sigmoid, Sec. 3.4). Loss (eq. 7-9) = truncated L1 over locations
 (th+ 0.5, th- -0.5) + focal loss on the anomaly 1 - D against 0 for normal and 1 for noised
@@ -85,6 +85,21 @@ class Mona(nn.Module):
     return x + _torch_dense(c, self.bottleneck, "project2")(y)
 
 
+class TwoMonas(nn.Module):
+  """RSAD's feature aligner: two Mona adapters in sequence, each with its own residual. Mona
+  (Yin et al.) puts two adapters in every block it tunes, and RSAD's eq. 10 counts two:
+  2 x ((2n + 3)m + n^2 + 84n + 2) parameters; the reference implementation adds per-channel
+  (not scalar) LayerNorm scales and the convolutions' biases, 2 x (2m - 2 + 4n) more."""
+  bottleneck: int = 64
+  dropout: float = 0.1
+
+  @nn.compact
+  def __call__(self, x, train: bool):
+    for i in range(2):
+      x = Mona(self.bottleneck, self.dropout, name=f"mona{i}")(x, train)
+    return x
+
+
 class BiasFreeFC(nn.Module):
   """Table 5's 'FC layer' aligner: one bias-free linear map C -> C."""
 
@@ -101,13 +116,13 @@ class Identity(nn.Module):
     return x
 
 
-ALIGNERS = {"mona": Mona, "fc": BiasFreeFC, "none": Identity}
+ALIGNERS = {"mona": TwoMonas, "fc": BiasFreeFC, "none": Identity}
 
 
 FOCAL_TARGETS = ("image", "locations")
 
 
-class RSAD(base.Method):
+class RSAD(common.FeatureScale, base.Method):
   """Feature aligner + three-layer discriminator on cached patch features."""
 
   @classmethod
@@ -121,7 +136,7 @@ class RSAD(base.Method):
   def __init__(self, config):
     super().__init__(config)
     m = config.model
-    self.aligner = Mona(m.mona_bottleneck, m.mona_dropout) if m.aligner == "mona" else ALIGNERS[m.aligner]()
+    self.aligner = TwoMonas(m.mona_bottleneck, m.mona_dropout) if m.aligner == "mona" else ALIGNERS[m.aligner]()
     # It returns the logit; loss_fn and score apply the sigmoid, so that eq. 7 can see the logit.
     self.discriminator = common.Discriminator(tuple(m.dsc_hidden))
     adam = lambda lr: optax.chain(optax.add_decayed_weights(m.weight_decay), optax.adam(lr))  # torch Adam's L2
@@ -135,7 +150,7 @@ class RSAD(base.Method):
     dsc_vars = self.discriminator.init(k2, sample.reshape(-1, sample.shape[-1]), train=False)
     params = {"aligner": aligner_params, "discriminator": dsc_vars["params"]}
     return {"params": params, "batch_stats": dsc_vars["batch_stats"], "opt_state": self.tx.init(params),
-            "step": jnp.zeros((), jnp.int32)}
+            "step": jnp.zeros((), jnp.int32), "feature_scale": self.initial_feature_scale()}
 
   def loss_fn(self, params, batch_stats, features, key):
     m = self.config.model
@@ -167,7 +182,7 @@ class RSAD(base.Method):
     return loss, (updates["batch_stats"], {"loss": loss, "seg_loss": seg, "focal_loss": cls})
 
   def train_step(self, state, batch, key):
-    return common.gradient_step(state, batch["features"], key, self.loss_fn, self.tx)
+    return common.gradient_step(state, batch["features"] * state["feature_scale"], key, self.loss_fn, self.tx)
 
   def adapt(self, state, features):
     """Aligned patch features (B*H*W, C) of (B, H, W, C) features (Mona works on the maps), inference mode."""
@@ -179,7 +194,7 @@ class RSAD(base.Method):
     return common.discriminate(self.discriminator, state, aligned)
 
   def score(self, state, inputs, image_shape):
-    features = inputs["features"]
+    features = inputs["features"] * state["feature_scale"]
     b, h, w, _ = features.shape
     maps = (1.0 - jax.nn.sigmoid(self.discriminate(state, self.adapt(state, features)))).reshape(b, h, w)
     return maps.max(axis=(1, 2)), maps

@@ -39,7 +39,7 @@ class Adaptor(nn.Module):
     return x
 
 
-class SimpleNet(base.Method):
+class SimpleNet(common.FeatureScale, base.Method):
   """Adaptor + noise discriminator on cached patch features."""
 
   def __init__(self, config):
@@ -59,7 +59,7 @@ class SimpleNet(base.Method):
     dsc_vars = self.discriminator.init(k2, dummy, train=False)
     params = {"adaptor": self.adaptor.init(k1, dummy)["params"], "discriminator": dsc_vars["params"]}
     return {"params": params, "batch_stats": dsc_vars["batch_stats"], "opt_state": self.tx.init(params),
-            "step": jnp.zeros((), jnp.int32)}
+            "step": jnp.zeros((), jnp.int32), "feature_scale": self.initial_feature_scale()}
 
   def first_layer_outputs(self, params, x, noise):
     """The discriminator's first dense layer (fc0: W1, c1) on [true; fake] = [G(x); G(x) + noise],
@@ -91,7 +91,7 @@ class SimpleNet(base.Method):
     return loss, (updates["batch_stats"], metrics)
 
   def train_step(self, state, batch, key):
-    return common.gradient_step(state, batch["features"], key, self.loss_fn, self.tx)
+    return common.gradient_step(state, batch["features"] * state["feature_scale"], key, self.loss_fn, self.tx)
 
   def adapt(self, state, features):
     """Adapted patch features (B*H*W, C) of (B, H, W, C) features, as the discriminator sees them."""
@@ -102,7 +102,7 @@ class SimpleNet(base.Method):
     return common.discriminate(self.discriminator, state, adapted)
 
   def score(self, state, inputs, image_shape):
-    features = inputs["features"]
+    features = inputs["features"] * state["feature_scale"]
     b, h, w, _ = features.shape
     maps = -self.discriminate(state, self.adapt(state, features)).reshape(b, h, w)
     return maps.max(axis=(1, 2)), maps
