@@ -18,7 +18,7 @@ import jax.numpy as jnp
 import numpy as np
 from absl import logging
 
-from adjax import parallel, progress
+from adjax import configlib, parallel, progress
 from adjax.data import pipeline
 
 
@@ -27,7 +27,7 @@ def compute_features(config, extractor, records, desc, mean, std, subclass_ids=(
   dataset = pipeline.make_dataset(
       records, image_size=config.data.image_size, crop_size=config.data.crop_size, mean=mean, std=std,
       batch_size=config.train.batch_size, worker_count=config.data.workers, subclass_ids=subclass_ids,
-      shard_index=0, shard_count=1)
+      shard_index=0, shard_count=1, resize=config.data.resize)
   chunks = []
   with progress.bar(len(records), desc) as bar:
     for batch in dataset:
@@ -42,7 +42,8 @@ def decode_images(config, records, desc) -> np.ndarray:
   """The uint8 pixels (N, S, S, 3) of `records` after the pipeline's resize and crop."""
   dataset = pipeline.make_dataset(
       records, image_size=config.data.image_size, crop_size=config.data.crop_size, mean=None, std=None,
-      batch_size=config.train.batch_size, worker_count=config.data.workers, shard_index=0, shard_count=1)
+      batch_size=config.train.batch_size, worker_count=config.data.workers, shard_index=0, shard_count=1,
+      resize=config.data.resize)
   chunks = []
   with progress.bar(len(records), desc) as bar:
     for batch in dataset:
@@ -68,7 +69,7 @@ def cached_shapes(config, method, extractor, n) -> dict:
   """Shape structs of the caches a TrainingSet of n records holds, and whether each is on the
   device: {'features': (structs, on_device), 'images': ...}, from shapes alone."""
   out = {}
-  s = config.data.crop_size
+  s = configlib.input_size(config)
   if "images" in method.train_inputs:
     images = jax.ShapeDtypeStruct((n, s, s, 3), np.uint8)
     out["images"] = (images, fits_on_device(images, config.train.image_cache_device_mb))
@@ -190,6 +191,7 @@ class TrainingSet:
     ordered = [self.records[i] for i in order]
     dataset = pipeline.make_dataset(
         ordered, image_size=self.config.data.image_size, crop_size=self.config.data.crop_size, mean=self.mean,
-        std=self.std, batch_size=batch_size, worker_count=self.config.data.workers, shard_index=0, shard_count=1)
+        std=self.std, batch_size=batch_size, worker_count=self.config.data.workers, shard_index=0, shard_count=1,
+        resize=self.config.data.resize)
     for batch in dataset:
       yield self.extractor(batch["image"])

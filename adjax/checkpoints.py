@@ -11,6 +11,7 @@ import os
 
 import jax
 import orbax.checkpoint as ocp
+from absl import logging
 from orbax.checkpoint.metadata import ArrayMetadata
 
 from adjax import io_utils, parallel
@@ -71,12 +72,45 @@ def restore(workdir, category, target=None):
     return restore_latest(checkpoints, target)
 
 
+def restore_trained(workdir, category, config, trains=True):
+  """The latest checkpoint's state for eval and predict, saying which one it is and warning when
+  training did not reach config.train.epochs."""
+  restored = restore(workdir, category)
+  epoch = int(restored["epoch"])
+  path = os.path.join(workdir, "checkpoints", category or "default")
+  if trains and epoch + 1 < config.train.epochs:
+    logging.warning("%s: using the checkpoint after epoch %d of %d in %s: training did not finish. Rerun "
+                    "--mode=train with this workdir to continue it.", category, epoch + 1, config.train.epochs, path)
+  else:
+    logging.info("%s: using the checkpoint in %s%s", category, path,
+                 f" (after epoch {epoch + 1} of {config.train.epochs})" if trains else "")
+  return restored["state"]
+
+
 def write_run_config(workdir, config):
   io_utils.write_text(os.path.join(workdir, RUN_CONFIG), config.to_json_best_effort(indent=2))
 
 
-def check_run_config(workdir, config):
-  """eval/predict must use the model the workdir was trained with."""
+# What must match between a workdir's config.json and a run using it: the model and how images
+# become its input always; for training into it (resuming, or continuing with more epochs) also
+# the data and the training settings, since a different one would silently train another model.
+_SCORING_KEYS = [f"data.{k}" for k in ("resize", "image_size", "crop_size", "calibration_fraction",
+                                        "threshold_fraction")]
+_TRAINING_KEYS = ["data.name", "data.root", "train.batch_size", "seed"]
+
+
+def _value(config: dict, key: str):
+  node = config
+  for part in key.split("."):
+    node = node.get(part) if isinstance(node, dict) else None
+  if key == "data.root" and node:
+    node = os.path.abspath(os.path.expanduser(node))
+  return node
+
+
+def check_run_config(workdir, config, mode="eval"):
+  """A run may use a workdir only with the model it was trained with (and, to train into it,
+  the same data and training settings); raising train.epochs to continue is allowed."""
   path = os.path.join(workdir, RUN_CONFIG)
   if not os.path.exists(path):
     raise CheckpointError(f"{workdir} holds no trained run ({RUN_CONFIG} is missing). Train first with "
@@ -85,21 +119,37 @@ def check_run_config(workdir, config):
   current = json.loads(config.to_json_best_effort())
   differing = [f"model.{k}" for k in sorted(set(trained["model"]) | set(current["model"]))
                if trained["model"].get(k) != current["model"].get(k)]
-  for key in ("image_size", "crop_size", "calibration_fraction"):
-    if trained["data"].get(key) != current["data"].get(key):
-      differing.append(f"data.{key}")
+  keys = _SCORING_KEYS + (_TRAINING_KEYS if mode == "train" else [])
+  differing += [k for k in keys if _value(trained, k) != _value(current, k)]
   if differing:
-    raise ConfigError(f"The config differs from the one {workdir} was trained with in {', '.join(differing)}. "
+    what = "trained with" if mode != "train" else "trained with (training into it continues that run)"
+    raise ConfigError(f"The config differs from the one {workdir} was {what} in {', '.join(differing)}. "
                       f"Use the same config file and overrides (saved in {path}), or a new --workdir.")
 
 
+def check_writable(workdir) -> None:
+  """Before any work: the workdir is a folder this process can create and write in."""
+  if os.path.exists(workdir) and not os.path.isdir(workdir):
+    raise CheckpointError(f"--workdir {workdir} is a file, not a folder. Give a folder path.")
+  try:
+    os.makedirs(workdir, exist_ok=True)
+    probe = os.path.join(workdir, ".adjax_write_test")
+    with open(probe, "w") as f:
+      f.write("")
+    os.remove(probe)
+  except OSError as e:
+    raise CheckpointError(f"--workdir {workdir} cannot be written ({e.strerror}). Give a folder you can write "
+                          "to, or fix its permissions.") from None
+
+
 def prepare_workdir(workdir, config, mode):
-  """Training writes the run config (after checking a resumed one matches); eval needs it."""
-  os.makedirs(workdir, exist_ok=True)
+  """Training writes the run config, after checking that a run already there is the same one;
+  eval needs one that matches."""
+  check_writable(workdir)
   if mode == "train":
     if os.path.exists(os.path.join(workdir, RUN_CONFIG)):
-      check_run_config(workdir, config)  # resuming: the model and data must be the same
+      check_run_config(workdir, config, mode)  # resuming: the model and data must be the same
     if parallel.is_main_process():
       write_run_config(workdir, config)
   else:
-    check_run_config(workdir, config)
+    check_run_config(workdir, config, mode)

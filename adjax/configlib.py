@@ -5,11 +5,21 @@ Keys (override any with --config.<key>=<value>):
   data.name                 mvtec_ad | mpdd | visa | btad | texture_ad | folder | synthetic
   data.root                 dataset folder ('' for synthetic: generated into the adjax cache)
   data.category             one category, a comma list, or 'all'
-  data.image_size           resize of the shorter side (torchvision Resize)
-  data.crop_size            center crop (torchvision CenterCrop)
+  data.resize               how an image of any shape becomes the model's square input
+                            (adjax/data/transforms.py): 'squash' (default: the whole image to
+                            image_size x image_size), 'pad' (the whole image, aspect kept, edge-
+                            padded to a square), 'crop' (shorter side to image_size, then the
+                            centre crop_size x crop_size: the papers' MVTec protocol; the rest of
+                            a non-square image is never scored, and the run says how much)
+  data.image_size           the input side ('squash', 'pad'), or the shorter side before the crop
+  data.crop_size            the centre crop of 'crop' mode; 0 (unused) in the whole-image modes
   data.workers              grain worker processes (0: decode in the main process, one thread per core)
   data.calibration_fraction share of each category's test images (of each label) held out as the
                             labelled split of methods that calibrate after training; never scored as test
+  data.threshold_fraction   share of each category's normal training images (of each subclass) held
+                            out of training; the largest of their image scores is the stored decision
+                            threshold that predict applies (0: no threshold; the paper protocols
+                            train on every image)
   model.name                the method module in adjax/methods
   model.backbone            resnet18|resnet34|resnet50|wide_resnet50_2|vgg16|vgg19|efficientnet_lite0..2
   model.backbone_weights    'imagenet', 'random', or a path to a .pth file
@@ -32,6 +42,9 @@ Keys (override any with --config.<key>=<value>):
                             a short run on a fast accelerator would otherwise spend a
                             noticeable share of its time saving
   eval.batch_size, eval.smoothing_sigma (Gaussian on the upsampled map), eval.num_overlays
+  eval.metric_max_side      whole-image modes: maps and masks are compared at each image's own
+                            resolution, scaled down to at most this many pixels on the longer
+                            side (0: never scaled; it bounds the metrics' memory on large images)
 """
 
 import ml_collections
@@ -84,8 +97,8 @@ def base() -> ml_collections.ConfigDict:
   c = ml_collections.ConfigDict()
   c.seed = 0
   c.data = ml_collections.ConfigDict(dict(
-      name="synthetic", root="", category="cloth,wood,metal", image_size=160, crop_size=160, workers=0,
-      calibration_fraction=0.0))
+      name="synthetic", root="", category="cloth,wood,metal", resize="squash", image_size=160, crop_size=0,
+      workers=0, calibration_fraction=0.0, threshold_fraction=0.1))
   # The frozen backbone's keys; methods on SimpleNet's patch features add patch_features' keys.
   c.model = ml_collections.ConfigDict(dict(
       name="", backbone="efficientnet_lite0", backbone_weights="imagenet", layers=("stage3", "stage5"),
@@ -95,8 +108,32 @@ def base() -> ml_collections.ConfigDict:
       image_cache_device_mb=4096,
       checkpoint_every=10, checkpoint_min_seconds=30.0, log_every=10))
   c.eval = ml_collections.ConfigDict(dict(batch_size=16, smoothing_sigma=4.0, pro_fpr_limit=0.3,
-                                          num_overlays=8))
+                                          num_overlays=8, metric_max_side=1024))
   return c
+
+
+def whole_image(c: ml_collections.ConfigDict, size: int, mode: str = "squash") -> ml_collections.ConfigDict:
+  """The whole image as a size x size input (data.resize 'squash' or 'pad'): nothing is cut off."""
+  c.data.resize, c.data.image_size, c.data.crop_size = mode, size, 0
+  return c
+
+
+def centre_crop(c: ml_collections.ConfigDict, image_size: int, crop_size: int) -> ml_collections.ConfigDict:
+  """The papers' MVTec protocol: shorter side to image_size, then the centre crop_size square."""
+  c.data.resize, c.data.image_size, c.data.crop_size = "crop", image_size, crop_size
+  return c
+
+
+def paper_data(c: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
+  """A paper's protocol trains on every training image: none held out for a decision threshold."""
+  c.data.threshold_fraction = 0.0
+  return c
+
+
+def input_size(config) -> int:
+  """The model's square input side for config.data."""
+  from adjax.data import transforms
+  return transforms.input_side(config.data.resize, config.data.image_size, config.data.crop_size)
 
 
 def patch_features(c: ml_collections.ConfigDict, embed_dim: int):
@@ -137,7 +174,7 @@ def lite0_demo(c: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
   (`feature_scale`, 'auto') instead of re-tuning every paper value per backbone.
   """
   c.data.name, c.data.root, c.data.category = "synthetic", "", "cloth,wood,metal"
-  c.data.image_size = c.data.crop_size = 160
+  whole_image(c, 160)
   c.model.backbone, c.model.backbone_weights = "efficientnet_lite0", "imagenet"
   c.model.layers = ("stage3", "stage5")
   patch_features(c, 512)
@@ -149,7 +186,8 @@ def lite0_real_data(c: ml_collections.ConfigDict, dataset: str) -> ml_collection
   benchmarks): the paper-standard 256 -> 224 preprocessing, all categories by default."""
   lite0_demo(c)
   c.data.name, c.data.category = dataset, "all"
-  c.data.image_size, c.data.crop_size = 256, 224
+  centre_crop(c, 256, 224)
+  paper_data(c)
   return c
 
 
@@ -158,7 +196,8 @@ def wrn50_paper(c: ml_collections.ConfigDict, dataset: str) -> ml_collections.Co
   Adapted-MoE's SimpleNet baseline); configs/simplenet.py then takes its official run script's 329 -> 288."""
   c.data.name = dataset
   c.data.category = "all"
-  c.data.image_size, c.data.crop_size = 256, 224
+  centre_crop(c, 256, 224)
+  paper_data(c)
   c.model.backbone, c.model.backbone_weights = "wide_resnet50_2", "imagenet"
   c.model.layers = ("layer2", "layer3")
   patch_features(c, 1536)
@@ -190,15 +229,26 @@ def validate(config) -> None:
   methods.get(config.model.name)
   if "backbone" in config.model:  # methods without a frozen backbone have no backbone keys
     _validate_taps(config)
-  for key in ("data.image_size", "data.crop_size", "train.batch_size", "eval.batch_size", "train.checkpoint_every"):
+  for key in ("data.image_size", "train.epochs", "train.batch_size", "eval.batch_size", "train.checkpoint_every"):
     section, name = key.split(".")
     if config[section][name] <= 0:
       raise ConfigError(f"{key} must be positive, not {config[section][name]}.")
+  from adjax.data import transforms
+  if config.data.resize not in transforms.RESIZE_MODES:
+    raise ConfigError(f"data.resize must be one of {', '.join(transforms.RESIZE_MODES)}, not '{config.data.resize}'.")
+  if config.data.resize == "crop" and config.data.crop_size <= 0:
+    raise ConfigError(f"data.crop_size must be positive with data.resize=crop, not {config.data.crop_size}.")
+  if config.data.resize != "crop" and config.data.crop_size not in (0, config.data.image_size):
+    raise ConfigError(f"data.crop_size ({config.data.crop_size}) is only used with data.resize=crop; data.resize="
+                      f"{config.data.resize} scales the whole image to data.image_size ({config.data.image_size}). "
+                      "Set data.crop_size=0, or data.resize=crop to crop.")
   if config.train.checkpoint_min_seconds < 0:
     raise ConfigError(f"train.checkpoint_min_seconds must be 0 or more, not {config.train.checkpoint_min_seconds}.")
+  if not 0.0 <= config.data.threshold_fraction < 1.0:
+    raise ConfigError(f"data.threshold_fraction must be in [0, 1), not {config.data.threshold_fraction}.")
   if not 0.0 <= config.data.calibration_fraction < 1.0:
     raise ConfigError(f"data.calibration_fraction must be in [0, 1), not {config.data.calibration_fraction}.")
-  if config.data.crop_size > config.data.image_size:
+  if config.data.resize == "crop" and config.data.crop_size > config.data.image_size:
     raise ConfigError(f"data.crop_size ({config.data.crop_size}) must not exceed data.image_size "
                       f"({config.data.image_size}): the crop is taken from the resized image.")
   for key in ("model.dtype", "train.feature_cache_dtype"):

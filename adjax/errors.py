@@ -24,3 +24,11 @@ class WeightsError(AdjaxError):
 
 class CheckpointError(AdjaxError):
   """A checkpoint or workdir cannot be used."""
+
+
+class Interrupted(KeyboardInterrupt):
+  """Ctrl-C during training, with where it happened; the CLI turns it into one line."""
+
+  def __init__(self, category: str, epoch: int, saved_epoch):
+    super().__init__(f"interrupted in epoch {epoch + 1} of {category}")
+    self.category, self.epoch, self.saved_epoch = category, epoch, saved_epoch

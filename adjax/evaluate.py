@@ -66,16 +66,21 @@ def make_scorer(config, method, extractor):
 
 
 def score_dataset(config, method, state, extractor, records, desc, scorer=None):
-  """Runs the pipeline over `records`: image scores, maps, masks, labels, in record order.
-  `scorer`: make_scorer's program, shared across calls (categories) so it compiles once."""
+  """Runs the pipeline over `records`, in record order: 'scores' (N,), 'labels' (N,), 'images'
+  (the model inputs), 'input_maps' and 'input_masks' (N, S, S) at the model's input, and 'maps'
+  and 'masks' as the metrics compare them: in the whole-image modes (data.resize squash, pad)
+  a list of per-image arrays at each image's own resolution (at most eval.metric_max_side on
+  the longer side), the masks read from their files; in 'crop' mode the input arrays, which
+  cover the centre crop only. `scorer`: make_scorer's program, shared across calls (categories)
+  so that it compiles once."""
   mean, std = method.normalisation(extractor)
   dataset = pipeline.make_dataset(
       records, image_size=config.data.image_size, crop_size=config.data.crop_size, mean=mean,
       std=std, batch_size=config.eval.batch_size, worker_count=config.data.workers,
-      shard_index=0, shard_count=1)
+      shard_index=0, shard_count=1, resize=config.data.resize)
   score_batch = scorer or make_scorer(config, method, extractor)
   variables = None if extractor is None else extractor.variables
-  scores, maps, masks, labels, images, diagnostics = [], [], [], [], [], []
+  scores, maps, masks, labels, images, sizes, diagnostics = [], [], [], [], [], [], []
   with progress.bar(len(records), desc) as bar:
     for batch in dataset:
       count = len(batch["label"])
@@ -86,16 +91,34 @@ def score_dataset(config, method, state, extractor, records, desc, scorer=None):
       masks.append(batch["mask"])
       labels.append(batch["label"])
       images.append(batch["image"])
+      sizes.append(batch["size"])
       bar.update(len(batch["label"]))
   names = diagnostics[0] if diagnostics else {}
-  return {"scores": np.concatenate(scores), "maps": np.concatenate(maps), "masks": np.concatenate(masks),
-          "labels": np.concatenate(labels), "images": np.concatenate(images),
-          "diagnostics": {k: np.concatenate([d[k] for d in diagnostics]) for k in names}}
+  scored = {"scores": np.concatenate(scores), "input_maps": np.concatenate(maps),
+            "input_masks": np.concatenate(masks), "labels": np.concatenate(labels),
+            "images": np.concatenate(images), "sizes": np.concatenate(sizes),
+            "diagnostics": {k: np.concatenate([d[k] for d in diagnostics]) for k in names}}
+  scored["maps"], scored["masks"] = scored["input_maps"], scored["input_masks"]
+  if config.data.resize in transforms.WHOLE_IMAGE:
+    scored["maps"], scored["masks"] = [], []
+    for record, amap, (width, height) in zip(records, scored["input_maps"], scored["sizes"]):
+      full = transforms.to_original(amap, int(width), int(height), config.data.resize, config.eval.metric_max_side)
+      scored["maps"].append(full)
+      mask = transforms.load_mask(record.mask_path) if record.mask_path else np.zeros((height, width), bool)
+      scored["masks"].append(transforms.mask_at(mask, full.shape[1], full.shape[0]))
+  return scored
+
+
+def take(values, selected):
+  """values[selected] for an array, or the selected items of a list (per-image maps of many sizes)."""
+  if isinstance(values, list):
+    return [values[i] for i in np.flatnonzero(selected)]
+  return values[selected]
 
 
 def _subset(scored, masks, sel, config) -> dict:
-  sub = metrics.evaluate(scored["labels"][sel], scored["scores"][sel], masks[sel] if masks is not None else None,
-                         scored["maps"][sel] if masks is not None else None, config.eval.pro_fpr_limit)
+  sub = metrics.evaluate(scored["labels"][sel], scored["scores"][sel], take(masks, sel) if masks is not None else None,
+                         take(scored["maps"], sel) if masks is not None else None, config.eval.pro_fpr_limit)
   return {k: sub[k] for k in ("image_auroc", "pixel_auroc", "aupro", "num_images", "num_anomalous")}
 
 
@@ -154,17 +177,73 @@ def overlay_panel(image_rgb: np.ndarray, mask, amap: np.ndarray, lo: float, hi: 
   return np.concatenate([image_rgb, truth, heat], axis=1)
 
 
-def write_overlays(directory, split, scored, normalisation, count):
-  """PNG overlays for up to `count` test images, anomalous ones first, one colour scale per category."""
+def decision_path(workdir, category) -> str:
+  return os.path.join(workdir, "thresholds", f"{category or 'default'}.json")
+
+
+def decision_rule(held, count) -> dict:
+  """The stored decision of a category from its held-out normal training images' scores: an
+  image is anomalous when its score exceeds the largest of theirs (on n unseen normal images
+  that leaves about 1 / (n + 1) of normal images above it); normalised scores are 0 at their
+  median and 1 at the threshold; overlays colour maps from their 1st to their 99.9th pixel
+  percentile, so a normal image looks normal in every run."""
+  scores = np.asarray(held["scores"], np.float64)
+  median, threshold = float(np.median(scores)), float(scores.max())
+  lo, hi = np.percentile(held["input_maps"], [1, 99.9])
+  return {"threshold": threshold, "normal_median": median, "map_low": float(lo), "map_high": float(hi),
+          "held_out_images": int(count),
+          "rule": "anomalous when the image score exceeds the largest score of the normal training images held "
+                  "out of training (data.threshold_fraction); normalised score = (score - their median) / "
+                  "(threshold - their median)"}
+
+
+def normalised_scores(decision, scores):
+  spread = max(decision["threshold"] - decision["normal_median"], 1e-12)
+  return (np.asarray(scores, np.float64) - decision["normal_median"]) / spread
+
+
+def decision_report(category, decision, scored) -> dict:
+  """The stored threshold and how the test images fall at it (describes, never selects)."""
+  flagged = np.asarray(scored["scores"]) > decision["threshold"]
+  labels = np.asarray(scored["labels"]).astype(bool)
+  report = {"threshold": decision["threshold"], "held_out_images": decision["held_out_images"],
+            "normal_flagged": int(flagged[~labels].sum()), "normal": int((~labels).sum()),
+            "anomalous_flagged": int(flagged[labels].sum()), "anomalous": int(labels.sum())}
+  logging.info("%s: at the stored threshold %.4g: %d of %d normal and %d of %d anomalous test images flagged",
+               category, report["threshold"], report["normal_flagged"], report["normal"],
+               report["anomalous_flagged"], report["anomalous"])
+  return report
+
+
+def overlay_image(scored, i, record, normalisation) -> np.ndarray:
+  """The uint8 RGB picture under image i's map: the model input, or, when the map is at the
+  image's own resolution (whole-image modes), the image file at that resolution."""
+  amap = scored["maps"][i]
+  if amap.shape == scored["images"][i].shape[:2]:
+    return transforms.denormalise(scored["images"][i], *normalisation)
+  image = transforms.load_image(record.path)
+  return np.asarray(image.resize((amap.shape[1], amap.shape[0]), Image.BILINEAR), np.uint8)
+
+
+def colour_scale(scored, decision):
+  """The maps' colour range: the stored one of the model's normal images, else this set's own."""
+  if decision is not None and "map_low" in decision:
+    return decision["map_low"], decision["map_high"]
+  return tuple(np.percentile(metrics.ravel(scored["maps"]), [1, 99.9]))
+
+
+def write_overlays(directory, split, scored, normalisation, count, decision=None):
+  """PNG overlays for up to `count` test images, anomalous ones first, one colour scale per
+  category (the held-out normal images' when there are some)."""
   if count <= 0:
     return
   os.makedirs(directory, exist_ok=True)
   order = np.argsort(-scored["labels"], kind="stable")
   picks = np.r_[order[: count - count // 4], order[::-1][: count // 4]][:count]
-  lo, hi = np.percentile(scored["maps"], 1), np.percentile(scored["maps"], 99.9)
+  lo, hi = colour_scale(scored, decision)
   for i in picks:
     record = split.test[int(i)]
-    rgb = transforms.denormalise(scored["images"][i], *normalisation)
+    rgb = overlay_image(scored, int(i), record, normalisation)
     panel = overlay_panel(rgb, scored["masks"][i] if split.has_masks else None, scored["maps"][i], lo, hi)
     name = f"{record.defect_type}_{record.subclass + '_' if record.subclass else ''}" \
            f"{os.path.splitext(os.path.basename(record.path))[0]}.png"

@@ -7,8 +7,15 @@ from collections.abc import Callable
 from typing import Any
 
 
+def _umask() -> int:
+  mask = os.umask(0)
+  os.umask(mask)
+  return mask
+
+
 def atomic_write(path: str, write: Callable[[Any], None], mode: str = "wb") -> None:
-  """Calls `write(f)` on a temporary file beside `path`, then renames it over `path`."""
+  """Calls `write(f)` on a temporary file beside `path`, then renames it over `path`; the file
+  gets the permissions of one created by open() (0666 less the umask), not mkstemp's 0600."""
   directory = os.path.dirname(os.path.abspath(path))
   os.makedirs(directory, exist_ok=True)
   fd, tmp = tempfile.mkstemp(dir=directory, prefix="." + os.path.basename(path) + ".", suffix=".tmp")
@@ -17,6 +24,7 @@ def atomic_write(path: str, write: Callable[[Any], None], mode: str = "wb") -> N
       write(f)
       f.flush()
       os.fsync(f.fileno())
+    os.chmod(tmp, 0o666 & ~_umask())
     os.replace(tmp, path)
   except BaseException:
     if os.path.exists(tmp):
@@ -30,6 +38,11 @@ def write_text(path: str, text: str) -> None:
 
 def write_json(path: str, obj: Any) -> None:
   write_text(path, json.dumps(obj, indent=2, sort_keys=False, allow_nan=False) + "\n")
+
+
+def read_json(path: str) -> Any:
+  with open(path) as f:
+    return json.load(f)
 
 
 def cache_dir(*parts: str) -> str:

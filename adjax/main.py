@@ -6,7 +6,8 @@ r"""adjax command line: train, evaluate or predict with one config file.
   python -m adjax.main --config=configs/patch_knn.py --workdir=runs/demo --mode=predict \
       --predict_dir=/path/to/images --config.data.category=cloth
 
-Any config key can be overridden with --config.<key>=<value>. Errors in the input
+Any config key can be overridden with --config.<key>=<value>; --config=<workdir>/config.json
+reuses a trained run's config (eval and predict then need no retyped overrides). Errors in the input
 (missing files, unknown keys, bad values) end the run with a one-paragraph message and
 exit status 2; --verbose shows the Python traceback too.
 """
@@ -20,14 +21,20 @@ from absl import app, flags, logging
 from ml_collections import config_flags
 
 from adjax import io_utils
-from adjax.errors import AdjaxError
+from adjax.errors import AdjaxError, Interrupted
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Config file, optionally with ':variant'.",
                                           lock_config=True)
 _WORKDIR = flags.DEFINE_string("workdir", "runs/default", "Where checkpoints, metrics and overlays go.")
-_MODE = flags.DEFINE_enum("mode", "train", ["train", "eval", "predict"],
-                          "train (then evaluate), eval (a trained workdir), predict (score --predict_dir).")
+_MODE = flags.DEFINE_enum("mode", "train", ["train", "eval", "predict", "export"],
+                          "train (then evaluate), eval (a trained workdir), predict (score --predict_dir), "
+                          "export (a self-contained scorer of one category, adjax/export.py).")
 _PREDICT_DIR = flags.DEFINE_string("predict_dir", "", "Folder of images to score in --mode=predict.")
+_OUTPUT_DIR = flags.DEFINE_string("output_dir", "", "--mode=predict: where its results go (default: a new "
+                                  "folder <workdir>/predictions/<date-time> per run); --mode=export: where the "
+                                  "scorer goes (default <workdir>/export/<category>).")
+_THRESHOLD = flags.DEFINE_float("threshold", None, "--mode=predict: the score above which an image is anomalous "
+                                "(default: the one stored at training).")
 _VERBOSE = flags.DEFINE_bool("verbose", False, "Show tracebacks on errors.")
 
 
@@ -80,29 +87,45 @@ def main(argv):
     _fail(_config_error(sys.argv, e))
   _quiet_library_logs()
   io_utils.enable_compilation_cache()  # a warm cache skips most of a run's compilation
+  workdir = os.path.expanduser(_WORKDIR.value)
   try:
     from adjax import parallel
     parallel.maybe_initialize_distributed()  # no-op for a single process
-    if _MODE.value == "predict":
+    if _MODE.value == "export":
+      from adjax import export, predict
+      export.run(config, workdir, predict.one_category(config), os.path.expanduser(_OUTPUT_DIR.value))
+    elif _MODE.value == "predict":
       from adjax import predict
-      predict.run(config, _WORKDIR.value, _PREDICT_DIR.value)
+      predict.run(config, workdir, os.path.expanduser(_PREDICT_DIR.value), os.path.expanduser(_OUTPUT_DIR.value),
+                  _THRESHOLD.value)
     else:
       from adjax import train
-      report = train.run(config, _WORKDIR.value, _MODE.value)
+      report = train.run(config, workdir, _MODE.value)
       mean = report["mean"]
-      print(f"mean image AUROC {mean['image_auroc']}, pixel AUROC {mean['pixel_auroc']}; "
-            f"report in {os.path.join(_WORKDIR.value, 'metrics.md')}")
+      percent = lambda v: "n/a" if v is None else f"{100 * v:.2f}"
+      print(f"mean image AUROC {percent(mean['image_auroc'])}, pixel AUROC {percent(mean['pixel_auroc'])} (%); "
+            f"report in {os.path.join(workdir, 'metrics.md')}")
   except AdjaxError as e:
     if _VERBOSE.value:
       raise
     _fail(str(e))
+  except KeyboardInterrupt as e:
+    if _VERBOSE.value:
+      raise
+    if isinstance(e, Interrupted):
+      saved = "no checkpoint yet" if e.saved_epoch is None else f"last checkpoint after epoch {e.saved_epoch + 1}"
+      _fail(f"interrupted in epoch {e.epoch + 1} of {e.category} ({saved}); rerun the same command to resume.",
+            code=130)
+    _fail("interrupted; rerun the same command to resume training from its last checkpoint.", code=130)
 
 
 class _DropLibraryInfo(pylogging.Filter):
-  """Keeps orbax's and grain's INFO chatter out of the run log; their warnings still show."""
+  """Keeps orbax's and grain's INFO chatter, and JAX's note that it found no TPU, out of the run
+  log; their warnings still show."""
 
   def filter(self, record):
-    noisy = ("/orbax/" in record.pathname or "/grain/" in record.pathname)
+    noisy = "/orbax/" in record.pathname or "/grain/" in record.pathname or (
+        "xla_bridge" in record.pathname and "libtpu" in record.getMessage())
     return record.levelno >= pylogging.WARNING or not noisy
 
 
@@ -121,7 +144,15 @@ def _flags_parser(argv):
     _fail(_config_error(argv, e))
 
 
+def _json_config(argv):
+  """--config=<path>.json (a trained workdir's config.json) loads through adjax/json_config.py."""
+  loader = os.path.join(os.path.dirname(os.path.abspath(__file__)), "json_config.py")
+  return [f"--config={loader}:{a.split('=', 1)[1]}" if a.startswith("--config=") and a.endswith(".json") else a
+          for a in argv]
+
+
 def run():
+  sys.argv = _json_config(sys.argv)
   app.run(main, flags_parser=_flags_parser)
 
 

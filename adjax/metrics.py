@@ -1,8 +1,10 @@
 """Anomaly-detection metrics: I-AUROC, P-AUROC, AUPRO@0.3, F1-max, IoU.
 
 All functions take numpy arrays: `labels`/`masks` are 0/1 ground truth, `scores`/`maps`
-are anomaly scores (higher = more anomalous). A metric that is undefined for the data
-(e.g. AUROC with only one class present) returns None, which reports write as null.
+are anomaly scores (higher = more anomalous); masks and maps may also be lists of per-image
+2-D arrays of different sizes (images scored at their own resolution). A metric that is
+undefined for the data (e.g. AUROC with only one class present) returns None, which reports
+write as null.
 """
 
 
@@ -11,9 +13,16 @@ import scipy.ndimage
 import scipy.stats
 
 
+def ravel(values, dtype=None) -> np.ndarray:
+  """One flat array of an array, or of a list of per-image arrays of any sizes."""
+  if isinstance(values, (list, tuple)) and values and np.ndim(values[0]) >= 2:
+    return np.concatenate([np.asarray(v, dtype=dtype).ravel() for v in values])
+  return np.asarray(values, dtype=dtype).ravel()
+
+
 def _flat(labels, scores):
-  labels = np.asarray(labels).astype(bool).ravel()
-  scores = np.asarray(scores, dtype=np.float64).ravel()
+  labels = ravel(labels).astype(bool)
+  scores = ravel(scores, np.float64)
   if labels.shape != scores.shape:
     raise ValueError(f"labels and scores differ in size: {labels.shape} vs {scores.shape}")
   return labels, scores
@@ -78,29 +87,30 @@ def aupro(masks, maps, fpr_limit: float = 0.3) -> float | None:
   all thresholds by sorting, the curve is integrated with the trapezoid rule and
   linearly interpolated at `fpr_limit`.
   """
-  masks = np.asarray(masks).astype(bool)
-  maps = np.asarray(maps, dtype=np.float64)
-  if masks.shape != maps.shape:
-    raise ValueError(f"masks and maps differ in shape: {masks.shape} vs {maps.shape}")
-  if masks.ndim == 2:
-    masks, maps = masks[None], maps[None]
-  region_weight = np.zeros(masks.shape, dtype=np.float64)
+  if not isinstance(masks, (list, tuple)):
+    masks, maps = np.asarray(masks), np.asarray(maps)
+    if masks.shape != maps.shape:
+      raise ValueError(f"masks and maps differ in shape: {masks.shape} vs {maps.shape}")
+    if masks.ndim == 2:
+      masks, maps = masks[None], maps[None]
+  weights = []
   num_regions = 0
-  for i in range(masks.shape[0]):
-    components, n = scipy.ndimage.label(masks[i])  # 4-connectivity, as the MVTec code
-    if n == 0:
-      continue
+  for i, mask in enumerate(masks):
+    mask = np.asarray(mask).astype(bool)
+    if mask.shape != np.shape(maps[i]):
+      raise ValueError(f"mask {i} and its map differ in shape: {mask.shape} vs {np.shape(maps[i])}")
+    components, n = scipy.ndimage.label(mask)  # 4-connectivity, as the MVTec code
     areas = np.bincount(components.ravel())
     weight = np.zeros_like(areas, dtype=np.float64)
     weight[1:] = 1.0 / areas[1:]
-    region_weight[i] = weight[components]
+    weights.append(weight[components].ravel())
     num_regions += n
-  num_normal = int((~masks).sum())
+  flat_masks = ravel(list(masks)).astype(bool)
+  num_normal = int((~flat_masks).sum())
   if num_regions == 0 or num_normal == 0:
     return None
-  flat_masks = masks.ravel()
   _, pro, fp = _descending_counts(
-      flat_masks, maps.ravel(), weights_pos=region_weight.ravel() / num_regions,
+      flat_masks, ravel(list(maps), np.float64), weights_pos=np.concatenate(weights) / num_regions,
       weights_neg=(~flat_masks).astype(np.float64) / num_normal)
   fpr = np.r_[0.0, fp]
   pro = np.r_[0.0, pro]
@@ -135,9 +145,9 @@ def evaluate(image_labels, image_scores, masks=None, maps=None, pro_fpr_limit: f
       "num_anomalous": int(np.asarray(image_labels).astype(bool).sum()),
   }
   if masks is not None:
-    masks = np.asarray(masks).astype(bool)
-    result["pixel_auroc"] = auroc(masks, maps)
     result["aupro"] = aupro(masks, maps, pro_fpr_limit)
+    masks, maps = _flat(masks, maps)  # once, for the flat metrics below
+    result["pixel_auroc"] = auroc(masks, maps)
     pixel_f1, pixel_threshold = f1_max(masks, maps)
     result["pixel_f1_max"] = pixel_f1
     result["pixel_f1_max_threshold"] = pixel_threshold

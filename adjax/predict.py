@@ -1,10 +1,20 @@
-"""--mode=predict: score a folder of images with a trained workdir.
+"""--mode=predict: score a folder of images with a trained workdir and decide normal or anomalous.
 
-Writes <output>/scores.json (image -> anomaly score, ranked), <output>/maps/<name>.npy
-(the anomaly map at crop resolution) and <output>/overlays/<name>.png.
+Writes into --output_dir (default: a new folder <workdir>/predictions/<date-time> per run, so
+runs never mix): predictions.csv and predictions.json (per image, ranked by score: path,
+score, normalised score, anomalous), maps/<name>.npy (the anomaly map: at the image's own
+resolution in the whole-image modes, data.resize squash or pad, capped by
+eval.metric_max_side; at the centre crop's in 'crop' mode) and overlays/<name>.png, coloured on
+the fixed scale of the model's held-out normal images. <name> is the file name's stem, with
+its extension added where two inputs share a stem (img.png, img.jpg -> img_png, img_jpg).
+The decision uses the threshold stored at training (evaluate.decision_rule) or --threshold.
 """
 
+import csv
+import io
+import json
 import os
+import time
 
 import numpy as np
 from absl import logging
@@ -15,39 +25,106 @@ from adjax.data import datasets, transforms
 from adjax.errors import ConfigError, DataError
 
 
-def run(config, workdir: str, input_dir: str, output_dir: str = "") -> dict:
+def output_names(paths) -> list:
+  """A unique file name (without extension) per input path: its stem, or stem_ext where stems repeat."""
+  stems = [os.path.splitext(os.path.basename(p))[0] for p in paths]
+  names = []
+  for path, stem in zip(paths, stems):
+    name = stem if stems.count(stem) == 1 else f"{stem}_{os.path.splitext(path)[1].lstrip('.').lower()}"
+    base, k = name, 1
+    while name in names:  # the same stem and extension in different letter case
+      name, k = f"{base}_{k}", k + 1
+    names.append(name)
+  return names
+
+
+def new_output_dir(workdir: str) -> str:
+  base = os.path.join(workdir, "predictions", time.strftime("%Y%m%d-%H%M%S"))
+  path, k = base, 1
+  while os.path.exists(path):
+    path, k = f"{base}_{k}", k + 1
+  return path
+
+
+def run(config, workdir: str, input_dir: str, output_dir: str = "", threshold: float | None = None) -> dict:
   if not input_dir or not os.path.isdir(input_dir):
     raise DataError(f"--predict_dir {input_dir!r} is not a folder. Give the folder of images to score.")
   paths = datasets.images_in(input_dir)
   if not paths:
     raise DataError(f"The folder {input_dir} holds no images ({', '.join(transforms.IMAGE_EXTENSIONS)}).")
-  categories = [c.strip() for c in config.data.category.split(",") if c.strip()]
-  if len(categories) != 1:
-    raise ConfigError(f"Predict scores with one category's model; data.category is '{config.data.category}'. "
-                      "Set --config.data.category=<one trained category>.")
+  category = one_category(config)
   configlib.validate(config)
   method = methods.build(config)
   checkpoints.check_run_config(workdir, config)
+  output_dir = output_dir or new_output_dir(workdir)
+  if os.path.isdir(output_dir) and os.listdir(output_dir):
+    raise ConfigError(f"--output_dir {output_dir} already holds files; give an empty or new folder (without "
+                      "--output_dir each run gets a new one under <workdir>/predictions).")
+  checkpoints.check_writable(output_dir)
   for p in paths:
     transforms.image_size_of(p)
+  decision = _decision(workdir, category, threshold)
   records = [datasets.Record(p, 0, "unknown", None) for p in paths]
-  state = checkpoints.restore(workdir, categories[0])["state"]
+  state = checkpoints.restore_trained(workdir, category, config, method.trains)
   extractor = method.make_extractor()
   scored = evaluate.score_dataset(config, method, state, extractor, records, "predicting")
-  output_dir = output_dir or os.path.join(workdir, "predictions")
-  lo, hi = np.percentile(scored["maps"], 1), np.percentile(scored["maps"], 99.9)
+  lo, hi = evaluate.colour_scale(scored, decision)
   results = []
-  for i, record in enumerate(records):
-    stem = os.path.splitext(os.path.basename(record.path))[0]
+  for i, (record, name) in enumerate(zip(records, output_names(paths))):
     amap = scored["maps"][i]
-    io_utils.atomic_write(os.path.join(output_dir, "maps", stem + ".npy"), lambda f: np.save(f, amap))
-    rgb = transforms.denormalise(scored["images"][i], *method.normalisation(extractor))
+    io_utils.atomic_write(os.path.join(output_dir, "maps", name + ".npy"), lambda f: np.save(f, amap))
+    rgb = evaluate.overlay_image(scored, i, record, method.normalisation(extractor))
     panel = evaluate.overlay_panel(rgb, None, amap, lo, hi)
     panel = np.concatenate([panel[:, :rgb.shape[1]], panel[:, 2 * rgb.shape[1]:]], axis=1)
-    io_utils.atomic_write(os.path.join(output_dir, "overlays", stem + ".png"),
+    io_utils.atomic_write(os.path.join(output_dir, "overlays", name + ".png"),
                           lambda f: Image.fromarray(panel).save(f, format="PNG"))
-    results.append({"image": record.path, "score": float(scored["scores"][i])})
+    score = float(scored["scores"][i])
+    row = {"image": record.path, "name": name, "score": score}
+    if decision is not None:
+      row["normalised_score"] = float(evaluate.normalised_scores(decision, [score])[0])
+      row["anomalous"] = bool(score > decision["threshold"])
+    results.append(row)
   results.sort(key=lambda r: -r["score"])
-  io_utils.write_json(os.path.join(output_dir, "scores.json"), results)
-  logging.info("Scored %d images; results in %s", len(results), output_dir)
-  return {"scores": results, "output_dir": output_dir}
+  io_utils.write_json(os.path.join(output_dir, "predictions.json"),
+                      {"threshold": None if decision is None else decision["threshold"], "predictions": results})
+  _write_csv(os.path.join(output_dir, "predictions.csv"), results)
+  threshold = None if decision is None else decision["threshold"]
+  flagged = sum(r.get("anomalous", False) for r in results)
+  logging.info("Scored %d images%s; results in %s", len(results),
+               "" if threshold is None else f", {flagged} anomalous at threshold {threshold:.4g}", output_dir)
+  return {"predictions": results, "output_dir": output_dir, "threshold": threshold}
+
+
+def one_category(config) -> str:
+  """The one trained category predict and export use: data.category's, or a folder root's own."""
+  categories = [c.strip() for c in config.data.category.split(",") if c.strip()]
+  root = os.path.expanduser(config.data.root)
+  if config.data.name == "folder" and root and os.path.isdir(os.path.join(root, "train")):
+    categories = [os.path.basename(os.path.normpath(root))]  # one folder: one category
+  if len(categories) != 1:
+    raise ConfigError(f"Predict and export use one category's model; data.category is '{config.data.category}'. "
+                      "Set --config.data.category=<one trained category>.")
+  return categories[0]
+
+
+def _decision(workdir, category, threshold):
+  path = evaluate.decision_path(workdir, category)
+  decision = json.load(open(path)) if os.path.exists(path) else None
+  if threshold is not None:  # without a stored decision, normalised scores are score / threshold
+    decision = dict(decision or {"normal_median": 0.0}, threshold=float(threshold))
+    logging.info("Decisions at --threshold %.4g", threshold)
+  elif decision is None:
+    logging.warning("%s holds no stored threshold (trained with data.threshold_fraction=0): scores only, no "
+                    "anomalous/normal decision. Pass --threshold=<score> to decide.", workdir)
+  else:
+    logging.info("Decisions at the stored threshold %.4g (%s)", decision["threshold"], path)
+  return decision
+
+
+def _write_csv(path, rows):
+  columns = ["image", "name", "score", "normalised_score", "anomalous"]
+  buffer = io.StringIO()
+  writer = csv.DictWriter(buffer, columns, extrasaction="ignore")
+  writer.writeheader()
+  writer.writerows(rows)
+  io_utils.write_text(path, buffer.getvalue())

@@ -6,6 +6,7 @@ Methods are reached only through the protocol in adjax/methods/base.py; checkpoi
 run-config guard are adjax/checkpoints.py, the training caches adjax/caches.py.
 """
 
+import contextlib
 import os
 import time
 
@@ -14,9 +15,9 @@ import numpy as np
 import orbax.checkpoint as ocp
 from absl import logging
 
-from adjax import caches, checkpoints, compile_ahead, configlib, evaluate, methods, parallel, progress
+from adjax import caches, checkpoints, compile_ahead, configlib, evaluate, io_utils, methods, parallel, progress
 from adjax.data import datasets, synthetic, transforms
-from adjax.errors import ConfigError
+from adjax.errors import ConfigError, Interrupted
 
 
 def resolve_root(config) -> str:
@@ -32,17 +33,51 @@ def load_splits(config, method) -> list:
   if config.data.name != "synthetic" and not config.data.root:
     raise ConfigError(f"data.root is empty: set --config.data.root to the {config.data.name} folder.")
   splits = []
-  for category in datasets.categories_from_config(config.data.name, root, config.data.category):
+  categories = datasets.categories_from_config(config.data.name, root, config.data.category)
+  if categories == [""] and config.data.category.strip() not in ("", "all"):
+    logging.info("data.category='%s' does not apply: the folder %s holds train/ itself, so it is one category.",
+                 config.data.category, root)
+  for category in categories:
     split = datasets.read_split(config.data.name, root, category)
-    datasets.validate(split)
+    _log_geometry(config, split.category, datasets.validate(split))
+    folders = {}
+    for r in split.test:
+      folders.setdefault(os.path.basename(os.path.dirname(r.path)), []).append(r.label)
+    logging.info("%s test folders: %s", split.category, "; ".join(
+        f"{name}: {'normal' if labels[0] == 0 else 'defect type'} ({len(labels)} images)"
+        for name, labels in sorted(folders.items())))
+    if not any(r.label for r in split.test):
+      logging.warning("%s: no anomalous test images (only %s), so image AUROC and the pixel metrics are undefined "
+                      "and reported as null. Put defective images in test/<defect type>/.", split.category,
+                      ", ".join(sorted(folders)))
     if method.calibrates:
       split = datasets.hold_out_calibration(split, config.data.calibration_fraction, config.seed)
-    logging.info("Category %s: %d train, %d test (%d anomalous)%s%s", split.category, len(split.train),
+    split = datasets.hold_out_normals(split, config.data.threshold_fraction, config.seed)
+    logging.info("Category %s: %d train, %d test (%d anomalous)%s%s%s", split.category, len(split.train),
                  len(split.test), sum(r.label for r in split.test),
+                 f", {len(split.held_out)} normal training images held out for the decision threshold"
+                 if split.held_out else "",
                  f", {len(split.calibration)} held out for calibration" if split.calibration else "",
                  f", unseen subclasses {split.unseen_subclasses}" if split.unseen_subclasses else "")
     splits.append(split)
   return splits
+
+
+def _log_geometry(config, category, sizes) -> None:
+  """Says at start-up what data.resize does to this category's images: how much of them a
+  centre crop never scores, or how far squashing or padding changes their shape."""
+  d = config.data
+  aspects = sorted({round(max(w, h) / min(w, h), 2) for w, h in sizes})
+  if d.resize == "crop":
+    kept = np.asarray([transforms.kept_fraction(w, h, "crop", d.image_size, d.crop_size) for w, h in sizes])
+    if kept.min() < 1.0:
+      logging.warning("%s: data.resize=crop scores %.1f%% of an image's pixels on average (%.1f%% of the least "
+                      "covered); the rest is never scored. data.resize=squash or pad scores whole images.",
+                      category or "data", 100 * kept.mean(), 100 * kept.min())
+  elif aspects[-1] > 1.0:
+    logging.info("%s: data.resize=%s: whole images of aspect ratios %s..%s %s to %dx%d", category or "data",
+                 d.resize, aspects[0], aspects[-1], "squashed" if d.resize == "squash" else "padded", d.image_size,
+                 d.image_size)
 
 
 def epoch_order(seed: int, epoch: int, n: int) -> np.ndarray:
@@ -101,8 +136,10 @@ def train_gradient(config, step, training_set, state, key, workdir, category, fr
       logging.info("Resuming %s from the checkpoint after epoch %d", category, start_epoch)
     state = jax.device_put(state, parallel.replicated(mesh))
     last_save = time.monotonic()
+    saved_epoch, epoch = (start_epoch - 1 if start_epoch else None), start_epoch
     total_steps = max(0, config.train.epochs - start_epoch) * steps_per_epoch
-    with progress.bar(total_steps, f"training {category}", "step") as bar:
+    with progress.bar(total_steps, f"training {category}", "step") as bar, _interruptible(category, lambda: (
+        epoch, saved_epoch)):
       for epoch in range(start_epoch, config.train.epochs):
         step_metrics = []
         for i, batch in enumerate(training_set.epoch(epoch_order(config.seed, epoch, n), batch_size)):
@@ -112,7 +149,7 @@ def train_gradient(config, step, training_set, state, key, workdir, category, fr
         # One transfer per epoch; summing on the device would dispatch (and compile) an add per step.
         step_metrics = jax.device_get(step_metrics)
         means = {k: float(np.mean([m[k] for m in step_metrics])) for k in step_metrics[0]}
-        bar.set_postfix({k: f"{v:.4f}" for k, v in means.items()})
+        bar.set_postfix({k: f"{v:.4f}" for k, v in means.items()}, refresh=False)
         last = epoch == config.train.epochs - 1
         due = ((epoch + 1) % config.train.checkpoint_every == 0
                and time.monotonic() - last_save >= config.train.checkpoint_min_seconds)
@@ -120,12 +157,23 @@ def train_gradient(config, step, training_set, state, key, workdir, category, fr
           state = finish(state)
         if last or due:
           manager.save(epoch, args=ocp.args.StandardSave({"state": state, "epoch": epoch}))
-          last_save = time.monotonic()
+          last_save, saved_epoch = time.monotonic(), epoch
         if (epoch + 1) % config.train.log_every == 0 or last:
           logging.info("%s epoch %d/%d: %s", category, epoch + 1, config.train.epochs,
                        ", ".join(f"{k} {v:.4f}" for k, v in means.items()))
     manager.wait_until_finished()
   return state
+
+
+@contextlib.contextmanager
+def _interruptible(category, where):
+  """Ctrl-C inside becomes errors.Interrupted(category, epoch, last saved epoch) = where()."""
+  try:
+    yield
+  except KeyboardInterrupt as e:
+    if isinstance(e, Interrupted):
+      raise
+    raise Interrupted(category, *where()) from None
 
 
 def _log_subclasses(category, subclass_ids, subclass):
@@ -147,7 +195,8 @@ def fit_category(config, method, extractor, split, key, workdir, scorer=None):
       return state
     scored = evaluate.score_dataset(config, method, state, extractor, split.calibration,
                                     f"calibrating {split.category}", scorer)
-    return method.calibrate(state, {k: scored[k] for k in ("scores", "maps", "labels")})
+    return method.calibrate(state, {"scores": scored["scores"], "maps": scored["input_maps"],
+                                    "labels": scored["labels"]})
 
   if method.trains:
     return _train(config, method, extractor, normalisation, split, subclass_ids, (init_key, train_key, assign_key),
@@ -198,6 +247,7 @@ def run(config, workdir: str, mode: str) -> dict:
   """train (then evaluate) or eval; returns the metrics report."""
   configlib.validate(config)
   method = methods.build(config)
+  checkpoints.check_writable(workdir)
   splits = load_splits(config, method)
   checkpoints.prepare_workdir(workdir, config, mode)
   extractor = method.make_extractor()
@@ -209,15 +259,24 @@ def run(config, workdir: str, mode: str) -> dict:
     if mode == "train":
       state = fit_category(config, method, extractor, split, sub, workdir, scorer)
     else:
-      state = checkpoints.restore(workdir, split.category)["state"]
+      state = checkpoints.restore_trained(workdir, split.category, config, method.trains)
+    decision = None
+    if split.held_out:
+      held = evaluate.score_dataset(config, method, state, extractor, split.held_out,
+                                    f"threshold {split.category}", scorer)
+      decision = evaluate.decision_rule(held, len(split.held_out))
+      if parallel.is_main_process():
+        io_utils.write_json(evaluate.decision_path(workdir, split.category), decision)
     scored = evaluate.score_dataset(config, method, state, extractor, split.test, f"scoring {split.category}",
                                     scorer)
     per_category[split.category] = evaluate.category_metrics(split, scored, config)
+    if decision is not None:
+      per_category[split.category]["decision"] = evaluate.decision_report(split.category, decision, scored)
     if scored["diagnostics"]:
       per_category[split.category]["diagnostics"] = evaluate.log_diagnostics(split.category, scored["diagnostics"])
     if parallel.is_main_process():
       evaluate.write_overlays(os.path.join(workdir, "overlays", split.category), split, scored,
-                              method.normalisation(extractor), config.eval.num_overlays)
+                              method.normalisation(extractor), config.eval.num_overlays, decision)
   report = evaluate.summarise(per_category)
   if parallel.is_main_process():
     evaluate.write_reports(workdir, report, config)

@@ -12,10 +12,8 @@ pooled AUROC, as a Markdown table; `topk.png` in the workdir plots the per-subcl
 AUROC against k. Nothing is selected on the test set.
 """
 
-import argparse
 import json
 import os
-import subprocess
 import sys
 import time
 
@@ -23,9 +21,10 @@ import ml_collections
 import numpy as np
 from PIL import Image, ImageDraw
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, ROOT)
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
+import runs  # noqa: E402
 from adjax import checkpoints, evaluate, methods, train  # noqa: E402
 
 COLOURS = [(31, 119, 180), (255, 127, 14), (44, 160, 44), (214, 39, 40), (148, 103, 189), (140, 86, 75),
@@ -68,20 +67,12 @@ def plot(path, series, ks, title):
 
 
 def main():
-  parser = argparse.ArgumentParser()
+  parser = runs.parser("adapted_moe_topk")
   parser.add_argument("--variant", default="", help="configs/adapted_moe.py variant (default: the built-in dataset)")
-  parser.add_argument("--workdir",
-                      default=os.path.join(ROOT, "runs", "adapted_moe_topk", time.strftime("%Y%m%d-%H%M%S")))
-  parser.add_argument("--set", action="append", default=[], help="extra config overrides, e.g. train.epochs=32")
   args = parser.parse_args()
-  if os.path.exists(args.workdir):
-    sys.exit(f"{args.workdir} exists; give a new --workdir (a finished run there would be evaluated, not retrained).")
+  runs.check_new(args.workdir)
   start = time.perf_counter()
-  command = [sys.executable, "-m", "adjax.main", f"--config=configs/adapted_moe.py:{args.variant}",
-             f"--workdir={args.workdir}", *[f"--config.{s}" for s in args.set]]
-  done = subprocess.run(command, cwd=ROOT, capture_output=True, text=True)
-  if done.returncode != 0:
-    sys.exit(f"training failed:\n{done.stderr[-3000:]}")
+  runs.train(f"adapted_moe.py:{args.variant}", args.workdir, args.set)
   config = ml_collections.ConfigDict(json.load(open(os.path.join(args.workdir, checkpoints.RUN_CONFIG))))
   method = methods.build(config)
   extractor = method.make_extractor()

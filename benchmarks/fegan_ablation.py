@@ -13,15 +13,13 @@ Every run starts in a new folder and its final model is evaluated; nothing is se
 test set.
 """
 
-import argparse
-import json
 import os
-import subprocess
 import sys
-import time
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, os.path.join(ROOT, "configs"))
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import runs  # noqa: E402
+
+sys.path.insert(0, os.path.join(runs.ROOT, "configs"))
 import fegan  # noqa: E402
 
 TABLES = {
@@ -31,19 +29,11 @@ TABLES = {
 }
 
 
-def mean_of(metrics, key):
-  values = [m[key] for name, m in metrics.items() if name != "mean" and m.get(key) is not None]
-  return sum(values) / len(values) if values else float("nan")
-
-
 def main():
-  parser = argparse.ArgumentParser()
+  parser = runs.parser("fegan_ablation")
   parser.add_argument("--tables", default="5,6,7")
-  parser.add_argument("--workdir", default=os.path.join(ROOT, "runs", "fegan_ablation", time.strftime("%Y%m%d-%H%M%S")))
-  parser.add_argument("--set", action="append", default=[], help="extra config overrides, e.g. train.epochs=20")
   args = parser.parse_args()
-  if os.path.exists(args.workdir):
-    sys.exit(f"{args.workdir} exists; give a new --workdir (a finished run there would be evaluated, not retrained).")
+  runs.check_new(args.workdir)
   done_variants = {}
   for table in args.tables.split(","):
     title, variants = TABLES[table]
@@ -53,16 +43,10 @@ def main():
         key = fegan.get_config(variant).model.to_json()
         same = next((v for v, (k, _) in done_variants.items() if k == key), None)
         if same is None:
-          workdir = os.path.join(args.workdir, variant.replace("=", "_"))
-          command = [sys.executable, "-m", "adjax.main", f"--config=configs/fegan.py:{variant}", f"--workdir={workdir}",
-                     *[f"--config.{s}" for s in args.set]]
-          start = time.perf_counter()
-          run = subprocess.run(command, cwd=ROOT, capture_output=True, text=True)
-          if run.returncode != 0:
-            sys.exit(f"{variant} failed:\n{run.stderr[-3000:]}")
-          metrics = json.load(open(os.path.join(workdir, "metrics.json")))["metrics"]
-          result = {k: mean_of(metrics, k) for k in ("image_auroc", "pixel_auroc", "pixel_iou")}
-          result["seconds"] = time.perf_counter() - start
+          metrics, seconds, _ = runs.train(f"fegan.py:{variant}", os.path.join(args.workdir, variant.replace("=", "_")),
+                                           args.set)
+          result = {k: runs.mean_of(metrics, k) for k in ("image_auroc", "pixel_auroc", "pixel_iou")}
+          result["seconds"] = seconds
           print(f"{variant:<20} done in {result['seconds']:.0f} s", flush=True)
         else:
           result = done_variants[same][1]

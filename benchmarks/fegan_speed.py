@@ -38,7 +38,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from backbone_throughput import torch_lite0_to_stage5  # noqa: E402
 
-from adjax import methods, train  # noqa: E402
+from adjax import configlib, methods, train  # noqa: E402
 from adjax.backbones.vgg import ARCHS  # noqa: E402
 from adjax.data import augment  # noqa: E402
 from configs import fegan as fegan_config  # noqa: E402
@@ -179,15 +179,15 @@ def main():
   parser = argparse.ArgumentParser()
   parser.add_argument("--variant", default="mvtec_ad_lite0", help="configs/fegan.py variant giving the shapes")
   parser.add_argument("--batch", type=int, default=None, help="default: the variant's train.batch_size")
-  parser.add_argument("--size", type=int, default=None, help="default: the variant's data.crop_size")
+  parser.add_argument("--size", type=int, default=None, help="default: the variant's input side")
   parser.add_argument("--steps", type=int, default=5)
   parser.add_argument("--warmup", type=int, default=2)
   args = parser.parse_args()
   config = fegan_config.get_config(args.variant)
   config.model.backbone_weights, config.model.encoder_init = "random", "scratch"
   if args.size:
-    config.data.image_size = config.data.crop_size = args.size
-  batch, size = args.batch or config.train.batch_size, config.data.crop_size
+    configlib.whole_image(config, args.size)
+  batch, size = args.batch or config.train.batch_size, configlib.input_size(config)
   device = "cuda" if torch.cuda.is_available() else "cpu"
   torch.set_num_threads(os.cpu_count())
   torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False

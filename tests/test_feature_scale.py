@@ -93,7 +93,8 @@ def test_the_loop_fits_the_factor_on_the_training_features_and_keeps_it(tmp_path
   method = methods.build(config)
   extractor = method.make_extractor()
   from adjax.data import datasets
-  split = datasets.read_split("synthetic", synthetic_root, "wood")
+  split = datasets.hold_out_normals(datasets.read_split("synthetic", synthetic_root, "wood"),
+                                    config.data.threshold_fraction, config.seed)  # the images trained on
   features = caches.compute_features(config, extractor, split.train, "features", *method.normalisation(extractor))
   expected = config.model.feature_spread_target / common.feature_spread(features)
   stored = float(checkpoints.restore(str(tmp_path), "wood")["state"]["feature_scale"])

@@ -199,7 +199,7 @@ def test_paper_protocol_variants_hold_the_papers_values():
   assert (m.backbone, tuple(m.layers), m.encoder_init, m.width) == ("vgg19", ("stage5",), "vgg19", 1.0)
   assert (m.lambda_fea, m.lambda_con, m.lambda_adv, m.score_lambda) == (30.0, 30.0, 1.0, 0.6)
   assert (m.lr, m.weight_decay, paper.train.batch_size, paper.train.epochs) == (2e-4, 1e-5, 16, 200)
-  assert (paper.data.image_size, paper.data.crop_size, m.augment_area, m.max_patch_area) == (256, 256, 0.2, 0.01)
+  assert (paper.data.resize, paper.data.image_size, m.augment_area, m.max_patch_area) == ("squash", 256, 0.2, 0.01)
   offline = fegan_config.get_config("mvtec_ad_lite0")
   assert offline.model.backbone == "efficientnet_lite0" and offline.model.encoder_init == "scratch"
   configlib.validate(offline)

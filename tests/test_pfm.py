@@ -20,7 +20,7 @@ def config(model="mbpfm"):
   kind, _, hierarchy = model.partition("_h")
   c = pfm_config.get_config(f"lite0_lite2,model={kind}" + (f",hierarchy={hierarchy}" if hierarchy else ""))
   c.model.latent = (4, 5, 6)
-  c.data.crop_size = 16
+  c.data.image_size = 16
   return c
 
 

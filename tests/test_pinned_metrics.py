@@ -1,10 +1,12 @@
 """Every built-in method's metrics on the built-in dataset at a fixed small setting, pinned.
 
-Wood, 64x64, seed 0, two epochs for gradient-trained methods (PFM's, SimpleNet's, ...):
+Wood, 64x64 input, seed 0, two epochs for gradient-trained methods (PFM's, SimpleNet's, ...):
 a refactoring of the shared loop, the caches or a method must leave these numbers unchanged.
-Values were recorded before the method protocol (adjax/methods/base.py) and reproduced to
-every printed digit after it. A deliberate change of results updates them in the same commit,
-saying why; the tolerance only absorbs float reassociation across XLA versions.
+A deliberate change of results updates them in the same commit, saying why; the tolerance only
+absorbs float reassociation across XLA versions. Last re-pinned for issues 18, 19 and 21
+together: 10% of the normal training images held out for the decision threshold
+(data.threshold_fraction), pixel metrics at the images' own 160x160 (maps brought back from
+the 64x64 input), model.feature_scale='auto' (SimpleNet, RSAD, Adapted-MoE) and RSAD's two Monas.
 """
 
 import pytest
@@ -13,11 +15,11 @@ from adjax import train
 from configs import adapted_moe, patch_knn, pfm, rsad, simplenet
 
 PINNED = {  # (image AUROC, pixel AUROC, AUPRO)
-    "patch_knn": (patch_knn, 0.9225, 0.9179253838947132, 0.7983487398753014),
-    "simplenet": (simplenet, 0.9125, 0.7850779953928236, 0.6451854568235357),
-    "rsad": (rsad, 0.78, 0.7139518969032775, 0.22601984993612717),
-    "adapted_moe": (adapted_moe, 0.5258333333333334, 0.5025148133694207, 0.09394889108468914),
-    "pfm": (pfm, 0.9341666666666667, 0.9461724843481734, 0.8668808319040818),
+    "patch_knn": (patch_knn, 0.9191666666666667, 0.9147888634455797, 0.7736861668194954),
+    "simplenet": (simplenet, 0.8733333333333333, 0.7712310917403197, 0.5035180904415464),
+    "rsad": (rsad, 0.7075, 0.4384845383117977, 0.19042621362815668),
+    "adapted_moe": (adapted_moe, 0.5225, 0.4869802250013089, 0.08866495739733739),
+    "pfm": (pfm, 0.92, 0.9406769088009117, 0.8352403471508545),
 }
 
 

@@ -217,8 +217,10 @@ def test_calibration_split_is_held_out_of_the_test_set(tmp_path, synthetic_root,
                       or score_dataset(*a, **k))
   toy_methods.ToyCalibrated.seen.clear()
   report = train.run(config, str(tmp_path), "train")
-  (calibration_desc, calibration), (test_desc, test) = scored_records
+  (calibration_desc, calibration), (threshold_desc, held_out), (test_desc, test) = scored_records
   assert calibration_desc.startswith("calibrating") and test_desc.startswith("scoring")
+  assert threshold_desc.startswith("threshold") and {r.label for r in held_out} == {0}
+  assert {r.path for r in held_out} <= {r.path for r in full.train}  # the threshold's images: training normals
   calibration_paths, test_paths = {r.path for r in calibration}, {r.path for r in test}
   assert not calibration_paths & test_paths
   assert calibration_paths | test_paths == {r.path for r in full.test}
@@ -234,3 +236,5 @@ def test_calibration_split_is_held_out_of_the_test_set(tmp_path, synthetic_root,
   held = datasets.hold_out_calibration(full, 0.25, config.seed)
   assert {r.path for r in held.calibration} == calibration_paths  # seeded: the same split every time
   assert dataclasses.replace(held, test=full.test, calibration=[]) == full
+  # Calibration never reads a training image, and training never sees a held-out one.
+  assert not calibration_paths & {r.path for r in full.train}

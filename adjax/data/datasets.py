@@ -9,7 +9,10 @@ Layouts (one `root`, categories below it):
                    subclasses unpacked this way. A subclass with no train images is "unseen".
 - folder:          <root>/train/good, test/good, test/<defect>, and optionally
                    ground_truth/<defect>/<stem>[_mask].<ext>; without a ground_truth folder the
-                   dataset has no masks and pixel metrics are reported as null.
+                   dataset has no masks and pixel metrics are reported as null. The root is one
+                   category (named after it) when it holds train/ itself, whatever data.category
+                   says; else its subfolders with a train/ are categories. Normal test images
+                   may be in test/good, ok or normal (any letter case); hidden folders are skipped.
 - synthetic:       the built-in dataset (synthetic.py), generated on first use, texture_ad layout.
 """
 
@@ -23,7 +26,7 @@ from adjax.data import transforms
 from adjax.errors import ConfigError, DataError
 
 NAMES = ("mvtec_ad", "mpdd", "visa", "btad", "texture_ad", "folder", "synthetic")
-NORMAL_DIRS = ("good", "ok")
+NORMAL_DIRS = ("good", "ok", "normal")  # test folders of normal images, in any letter case
 
 
 @dataclasses.dataclass(frozen=True)
@@ -44,6 +47,7 @@ class Split:
   test: list
   has_masks: bool
   calibration: list = dataclasses.field(default_factory=list)  # labelled, held out of `test`
+  held_out: list = dataclasses.field(default_factory=list)  # normal, held out of `train` for the threshold
 
   @property
   def subclasses(self) -> list:
@@ -66,11 +70,12 @@ def _require_dir(path: str, what: str, fix: str) -> None:
 
 
 def _find_mask(mask_dir: str, stem: str, image_path: str, required: bool) -> str | None:
+  """<stem>_mask.<ext> or <stem>.<ext> in mask_dir, the extension in any letter case."""
+  present = {f.lower(): f for f in os.listdir(mask_dir)} if os.path.isdir(mask_dir) else {}
   for name in (f"{stem}_mask", stem):
     for ext in (".png", ".bmp", ".tif", ".tiff", ".jpg"):
-      candidate = os.path.join(mask_dir, name + ext)
-      if os.path.exists(candidate):
-        return candidate
+      if (name + ext).lower() in present:
+        return os.path.join(mask_dir, present[(name + ext).lower()])
   if required:
     raise DataError(f"The anomalous test image {image_path} has no mask: expected "
                     f"{os.path.join(mask_dir, stem + '_mask.png')}. Add the mask, or move the image out "
@@ -82,9 +87,10 @@ def _test_records(category_dir: str, category: str, subclass: str, has_masks: bo
   test_dir = os.path.join(category_dir, "test")
   gt_dir = os.path.join(category_dir, "ground_truth")
   test = []
-  for defect in sorted(d for d in os.listdir(test_dir) if os.path.isdir(os.path.join(test_dir, d))):
+  for defect in sorted(d for d in os.listdir(test_dir) if os.path.isdir(os.path.join(test_dir, d))
+                       and not d.startswith(".")):  # hidden folders (.ipynb_checkpoints) hold no test images
     for p in images_in(os.path.join(test_dir, defect)):
-      if defect in NORMAL_DIRS:
+      if defect.lower() in NORMAL_DIRS:
         test.append(Record(p, 0, "good", None, subclass, category))
       else:
         stem = os.path.splitext(os.path.basename(p))[0]
@@ -163,8 +169,10 @@ def read_split(name: str, root: str, category: str) -> Split:
     # Unseen subclasses have no (or an empty) train/good folder.
     split = _merge(category, [_mvtec_like(os.path.join(category_dir, sub), category, sub, train_required=False)
                               for sub in subclasses])
-  else:  # folder
-    split = _mvtec_like(root, category or os.path.basename(os.path.normpath(root)), masks="optional")
+  elif category:  # folder data with one category per subfolder
+    split = _mvtec_like(os.path.join(root, category), category, masks="optional")
+  else:  # folder data: the root is the category
+    split = _mvtec_like(root, os.path.basename(os.path.normpath(root)), masks="optional")
   if not split.train:
     raise DataError(f"No training images found for category '{category}' under {root}. "
                     "Normal training images go in train/good (train/ok for BTAD).")
@@ -175,8 +183,13 @@ def read_split(name: str, root: str, category: str) -> Split:
 
 
 def categories_from_config(name: str, root: str, category: str) -> list:
-  """data.category: one name, a comma list, or 'all'."""
+  """data.category: one name, a comma list, or 'all'. Folder data whose root holds train/
+  itself is one category (named after the folder), whatever data.category says."""
+  if name == "folder" and os.path.isdir(os.path.join(root, "train")):
+    return [""]
   if category.strip() == "all":
+    if name == "folder":
+      return sorted(d for d in os.listdir(root) if os.path.isdir(os.path.join(root, d, "train")))
     return list_categories(name, root)
   names = [c.strip() for c in category.split(",") if c.strip()]
   if not names and name != "folder":
@@ -184,16 +197,38 @@ def categories_from_config(name: str, root: str, category: str) -> list:
   return names or [""]
 
 
-def validate(split: Split) -> None:
-  """Checks every file before any work starts: readable images, masks of the image's size."""
+def validate(split: Split) -> list:
+  """Checks every file before any work starts: readable images, masks of the image's size.
+  Returns the (width, height) of every train and test image, in that order."""
+  sizes = []
   for record in split.train + split.test:
     size = transforms.image_size_of(record.path, "image")
+    sizes.append(size)
     if record.mask_path is not None:
       mask_size = transforms.image_size_of(record.mask_path, "mask")
       if mask_size != size:
         raise DataError(f"The mask {record.mask_path} is {mask_size[0]}x{mask_size[1]} but its image "
                         f"{record.path} is {size[0]}x{size[1]}. Masks must have their image's size: "
                         "replace the mask with one of the right size.")
+  return sizes
+
+
+def hold_out_normals(split: Split, fraction: float, seed: int) -> Split:
+  """`split` with `fraction` of its training images (seeded, of each subclass) moved to
+  `held_out`: normal images never trained on, whose scores set the decision threshold."""
+  if fraction <= 0 or len(split.train) < 2:
+    return split
+  rng = np.random.default_rng([seed, 11])
+  held = set()
+  for subclass in sorted({r.subclass for r in split.train}):
+    members = [i for i, r in enumerate(split.train) if r.subclass == subclass]
+    count = min(len(members) - 1, int(round(fraction * len(members))))
+    if count > 0:
+      held.update(int(i) for i in rng.choice(members, count, replace=False))
+  if not held:  # a small set: still one image, so that the threshold rests on an unseen image
+    held.add(int(rng.integers(len(split.train))))
+  return dataclasses.replace(split, train=[r for i, r in enumerate(split.train) if i not in held],
+                             held_out=[r for i, r in enumerate(split.train) if i in held])
 
 
 def hold_out_calibration(split: Split, fraction: float, seed: int) -> Split:

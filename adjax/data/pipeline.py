@@ -3,7 +3,9 @@
 Each element is a dict of numpy arrays:
   image (H, W, 3) float32, normalised with the given mean/std (uint8 pixels when mean is None)
   mask  (H, W) float32 in {0, 1} (zeros where there is no mask)
-  label () int32, index () int32 (position in the record list), subclass () int32
+  label () int32, index () int32 (position in the record list), subclass () int32,
+  size  (2,) int32: the image file's own (width, height)
+H = W = the model's input side (transforms.input_side), by the `resize` mode.
 Shuffling is deterministic from (seed, epoch). For multi-host runs each JAX process
 reads its own shard (`shard_index`/`shard_count`, by default this process's).
 """
@@ -30,28 +32,30 @@ class Preprocess:
   mean: tuple
   std: tuple
   subclass_ids: tuple  # subclass name per id
+  resize: str = "crop"
 
   def __call__(self, index: int) -> dict:
     record: Record = self.records[index]
     image = transforms.load_image(record.path)
-    array = transforms.preprocess_image(image, self.image_size, self.crop_size, self.mean, self.std)
+    array = transforms.preprocess_image(image, self.image_size, self.crop_size, self.mean, self.std, self.resize)
     if record.mask_path is not None:
-      mask = transforms.preprocess_mask(transforms.load_mask(record.mask_path), self.image_size, self.crop_size)
+      mask = transforms.preprocess_mask(transforms.load_mask(record.mask_path), self.image_size, self.crop_size,
+                                        self.resize)
     else:
       mask = np.zeros(array.shape[:2], np.float32)
     subclass = self.subclass_ids.index(record.subclass) if record.subclass in self.subclass_ids else -1
     return {"image": array, "mask": mask, "label": np.int32(record.label), "index": np.int32(index),
-            "subclass": np.int32(subclass)}
+            "subclass": np.int32(subclass), "size": np.asarray(image.size, np.int32)}
 
 
 def make_dataset(records: Sequence[Record], *, image_size: int, crop_size: int, mean, std, batch_size: int,
                  shuffle: bool = False, seed: int = 0, epoch: int = 0, drop_remainder: bool = False,
                  worker_count: int = 0, subclass_ids: Sequence[str] = (), shard_index: int | None = None,
-                 shard_count: int | None = None) -> grain.IterDataset:
+                 shard_count: int | None = None, resize: str = "crop") -> grain.IterDataset:
   shard_index = jax.process_index() if shard_index is None else shard_index
   shard_count = jax.process_count() if shard_count is None else shard_count
   preprocess = Preprocess(tuple(records), image_size, crop_size, None if mean is None else tuple(mean),
-                          None if std is None else tuple(std), tuple(subclass_ids))
+                          None if std is None else tuple(std), tuple(subclass_ids), resize)
   indices = grain.MapDataset.range(len(records))
   if shuffle:
     indices = indices.shuffle(seed=seed + 1_000_003 * epoch)

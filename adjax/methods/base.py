@@ -8,7 +8,7 @@ Inputs, declared by class attributes:
   train_inputs    what a training batch carries besides 'subclass' (B,) int32:
                   'features'  frozen-extractor output for the clean images, float32
                   'images'    the clean training images, float32, normalised by `normalisation()`,
-                              (B, S, S, 3), S = data.crop_size; any augmentation is the method's,
+                              (B, S, S, 3), S = configlib.input_size; any augmentation is the method's,
                               done inside `train_step` from its key (so on the device)
   score_inputs    what `score` receives: the same two keys
   cache_features  whether 'features' may be computed once and reused every epoch: true

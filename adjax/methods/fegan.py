@@ -134,8 +134,10 @@ class FEGAN(base.Method):
     if m.encoder_init == "vgg19" and m.width != 1.0:
       raise ConfigError(f"model.encoder_init='vgg19' loads VGG19's weights, which need model.width=1.0, not "
                         f"{m.width}; use encoder_init='scratch' for other widths.")
-    if config.data.crop_size % 16:
-      raise ConfigError(f"data.crop_size ({config.data.crop_size}) must be a multiple of 16: the encoder halves it "
+    from adjax import configlib
+    if configlib.input_size(config) % 16:
+      raise ConfigError(f"The input side ({configlib.input_size(config)}: data.image_size, or data.crop_size with "
+                        "data.resize=crop) must be a multiple of 16: the encoder halves it "
                         "four times and the decoder doubles it back.")
     if len(tuple(m.layers)) != 1:
       raise ConfigError(f"model.layers {tuple(m.layers)} must name the FEN's one tap (VGG19: 'stage5').")

@@ -1,0 +1,70 @@
+"""Folder data as a user lays it out (issue 19, item 4): one category without data.category, normal
+test images under good/ok/normal in any case, hidden folders skipped, masks of any extension case,
+every test folder's role logged, and a test set without defects explained."""
+
+import logging
+import os
+
+import numpy as np
+from PIL import Image
+
+from adjax import train
+from adjax.data import datasets
+from configs import patch_knn
+
+
+def _image(path, seed, size=(40, 32)):
+  os.makedirs(os.path.dirname(path), exist_ok=True)
+  Image.fromarray(np.random.default_rng(seed).integers(0, 256, size[::-1] + (3,), np.uint8)).save(path)
+
+
+def _folder(root, normal="good", mask_name="000_mask.png", defects=True):
+  for i in range(4):
+    _image(os.path.join(root, "train", "good", f"{i}.png"), i)
+  _image(os.path.join(root, "test", normal, "n0.png"), 10)
+  _image(os.path.join(root, "test", ".ipynb_checkpoints", "stale.png"), 11)
+  if defects:
+    _image(os.path.join(root, "test", "scratch", "000.png"), 12)
+    mask = np.zeros((32, 40), np.uint8)
+    mask[4:9, 4:9] = 255
+    os.makedirs(os.path.join(root, "ground_truth", "scratch"), exist_ok=True)
+    Image.fromarray(mask).save(os.path.join(root, "ground_truth", "scratch", mask_name), format="PNG")
+
+
+def test_a_folder_is_one_category_whatever_data_category_says(tmp_path):
+  root = str(tmp_path / "parts")
+  _folder(root)
+  for category in ("", "cloth,wood,metal", "all"):
+    assert datasets.categories_from_config("folder", root, category) == [""]
+  split = datasets.read_split("folder", root, "")
+  assert split.category == "parts" and len(split.train) == 4
+  # A folder of category folders: 'all' takes the subfolders that hold train/, not train/ itself.
+  _folder(str(tmp_path / "lines" / "a"))
+  _folder(str(tmp_path / "lines" / "b"))
+  os.makedirs(tmp_path / "lines" / "notes")
+  assert datasets.categories_from_config("folder", str(tmp_path / "lines"), "all") == ["a", "b"]
+  assert datasets.read_split("folder", str(tmp_path / "lines"), "b").category == "b"
+
+
+def test_normal_folder_names_hidden_folders_and_mask_extension_case(tmp_path):
+  for normal in ("normal", "OK", "Good"):
+    root = str(tmp_path / normal)
+    _folder(root, normal=normal, mask_name="000_mask.PNG")
+    split = datasets.read_split("folder", root, "")
+    labels = {os.path.basename(os.path.dirname(r.path)): r.label for r in split.test}
+    assert labels == {normal: 0, "scratch": 1}  # .ipynb_checkpoints is not a defect type
+    assert split.test[[r.label for r in split.test].index(1)].mask_path.endswith("000_mask.PNG")
+
+
+def test_the_run_logs_each_test_folders_role_and_explains_a_test_set_without_defects(tmp_path, caplog):
+  root = str(tmp_path / "only_good")
+  _folder(root, normal="normal", defects=False)
+  config = patch_knn.get_config("")  # data.category is the built-in dataset's 'cloth,wood,metal'
+  config.data.name, config.data.root = "folder", root
+  config.data.image_size, config.eval.num_overlays = 32, 0
+  with caplog.at_level(logging.INFO):
+    report = train.run(config, str(tmp_path / "run"), "train")
+  assert list(report) == ["only_good", "mean"]
+  assert report["only_good"]["image_auroc"] is None
+  assert "does not apply" in caplog.text and "only_good test folders: normal: normal (1 images)" in caplog.text
+  assert "no anomalous test images" in caplog.text
