@@ -14,7 +14,7 @@ import os
 import sys
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-import runs  # noqa: E402
+import accuracy_runs as runs  # noqa: E402
 
 sys.path.insert(0, os.path.join(runs.ROOT, "configs"))
 import adapted_moe  # noqa: E402

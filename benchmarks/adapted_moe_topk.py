@@ -24,7 +24,8 @@ from PIL import Image, ImageDraw
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-import runs  # noqa: E402
+import accuracy_runs as runs  # noqa: E402
+
 from adjax import checkpoints, evaluate, methods, train  # noqa: E402
 
 COLOURS = [(31, 119, 180), (255, 127, 14), (44, 160, 44), (214, 39, 40), (148, 103, 189), (140, 86, 75),
