@@ -128,10 +128,12 @@ def test_workdir_guards(trained, tmp_path):
   a_file = tmp_path / "file"
   a_file.write_text("x")
   _assert_clean_failure(run_cli(*args, f"--workdir={a_file}"), str(a_file), "is a file")
+  # A folder that cannot be created (under a file: fails for root too), and a read-only one.
+  _assert_clean_failure(run_cli(*args, f"--workdir={a_file / 'run'}"), str(a_file / "run"), "cannot be written")
   read_only = tmp_path / "read_only"
   read_only.mkdir()
   read_only.chmod(0o555)
-  if not os.access(read_only, os.W_OK):  # root writes anywhere: nothing to test then
+  if not os.access(read_only, os.W_OK):  # root may write anyway; the case above covers it
     _assert_clean_failure(run_cli(*args, f"--workdir={read_only}"), str(read_only), "cannot be written")
   other = tmp_path / "other_data"
   shutil.copytree(os.path.join(data, "wood"), other / "wood")

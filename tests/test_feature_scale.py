@@ -43,7 +43,8 @@ def toy_features(seed=0):
   return train_features, test_features.astype(np.float32)
 
 
-@pytest.mark.parametrize("module", [simplenet, rsad])
+# RSAD's run under -m slow (~20 s): it shares SimpleNet's FeatureScale mixin.
+@pytest.mark.parametrize("module", [simplenet, pytest.param(rsad, marks=pytest.mark.slow)])
 def test_auto_scale_makes_training_invariant_to_the_features_scale(module):
   train_features, test_features = toy_features()
   base_scores, base_maps, base_scale = trained_scores(small(module), train_features, test_features)
