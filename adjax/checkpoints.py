@@ -95,7 +95,7 @@ def write_run_config(workdir, config):
 # become its input always; for training into it (resuming, or continuing with more epochs) also
 # the data and the training settings, since a different one would silently train another model.
 _SCORING_KEYS = [f"data.{k}" for k in ("resize", "image_size", "crop_size", "calibration_fraction",
-                                        "threshold_fraction")]
+                                        "threshold_fraction", "test_normals_fraction")]
 _TRAINING_KEYS = ["data.name", "data.root", "train.batch_size", "seed"]
 
 

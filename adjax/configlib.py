@@ -16,6 +16,10 @@ Keys (override any with --config.<key>=<value>):
   data.workers              grain worker processes (0: decode in the main process, one thread per core)
   data.calibration_fraction share of each category's test images (of each label) held out as the
                             labelled split of methods that calibrate after training; never scored as test
+                            (methods calibrated on normals take it from the training images instead)
+  data.test_normals_fraction
+                            (configs that set it) share of each category's normal training images moved
+                            to its test set as normals (the triplet paper's known classes: 0.5)
   data.threshold_fraction   share of each category's normal training images (of each subclass) held
                             out of training; the largest of their image scores is the stored decision
                             threshold that predict applies (0: no threshold; the paper protocols
@@ -207,6 +211,8 @@ def wrn50_paper(c: ml_collections.ConfigDict, dataset: str) -> ml_collections.Co
 def _validate_taps(config) -> None:
   from adjax import backbones
   from adjax.errors import ConfigError
+  if config.model.backbone == "" and not tuple(config.model.layers):
+    return  # a method trained from scratch on the images (configs/triplet.py): no frozen network
   spec = backbones.get_spec(config.model.backbone)
   layers = list(config.model.layers) if isinstance(config.model.layers, (tuple, list)) else [config.model.layers]
   bad = [t for t in layers if t not in spec.taps or t == "logits"]
@@ -246,6 +252,8 @@ def validate(config) -> None:
     raise ConfigError(f"train.checkpoint_min_seconds must be 0 or more, not {config.train.checkpoint_min_seconds}.")
   if not 0.0 <= config.data.threshold_fraction < 1.0:
     raise ConfigError(f"data.threshold_fraction must be in [0, 1), not {config.data.threshold_fraction}.")
+  if not 0.0 <= config.data.get("test_normals_fraction", 0.0) < 1.0:
+    raise ConfigError(f"data.test_normals_fraction must be in [0, 1), not {config.data.test_normals_fraction}.")
   if not 0.0 <= config.data.calibration_fraction < 1.0:
     raise ConfigError(f"data.calibration_fraction must be in [0, 1), not {config.data.calibration_fraction}.")
   if config.data.resize == "crop" and config.data.crop_size > config.data.image_size:

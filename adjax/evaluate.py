@@ -151,12 +151,24 @@ def category_metrics(split, scored, config) -> dict:
   return result
 
 
-def log_diagnostics(category, diagnostics) -> dict:
-  """The method's per-image diagnostic vectors summed over the test set, logged one line each."""
-  totals = {name: np.asarray(values).sum(axis=0).astype(int).tolist() for name, values in diagnostics.items()}
-  for name, total in totals.items():
-    logging.info("%s: %s: %s", category, name, total)
-  return totals
+ALTERNATIVE_SCORE = "image_score_"  # a diagnostic so named is another image score (B, 1), reported by its AUROC
+
+
+def log_diagnostics(category, diagnostics, labels) -> dict:
+  """The method's per-image diagnostic vectors summed over the test set, logged one line each;
+  those named image_score_<name> are alternative image scores: their image AUROC instead."""
+  report = {}
+  for name, values in diagnostics.items():
+    values = np.asarray(values)
+    if name.startswith(ALTERNATIVE_SCORE):
+      value = metrics.auroc(labels, values[:, 0])
+      report[f"image_auroc_by_{name[len(ALTERNATIVE_SCORE):]}"] = value
+      logging.info("%s: image AUROC by %s: %s", category, name[len(ALTERNATIVE_SCORE):],
+                   "undefined (one class)" if value is None else f"{100 * value:.2f}")
+    else:
+      report[name] = values.sum(axis=0).astype(int).tolist()
+      logging.info("%s: %s: %s", category, name, report[name])
+  return report
 
 
 def _colormap(x: np.ndarray) -> np.ndarray:

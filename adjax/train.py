@@ -28,7 +28,9 @@ def resolve_root(config) -> str:
 
 def load_splits(config, method) -> list:
   """Every requested category's split, all checked before any computation starts; a method
-  that calibrates gets data.calibration_fraction of the test images held out as its split."""
+  that calibrates gets data.calibration_fraction of the test images (or, if its calibration_source
+  is 'normals', of the normal training images) held out as its split; data.test_normals_fraction
+  of the training images move to the test set as normals."""
   root = resolve_root(config)
   if config.data.name != "synthetic" and not config.data.root:
     raise ConfigError(f"data.root is empty: set --config.data.root to the {config.data.name} folder.")
@@ -50,7 +52,10 @@ def load_splits(config, method) -> list:
       logging.warning("%s: no anomalous test images (only %s), so image AUROC and the pixel metrics are undefined "
                       "and reported as null. Put defective images in test/<defect type>/.", split.category,
                       ", ".join(sorted(folders)))
-    if method.calibrates:
+    split = datasets.hold_out_normals(split, config.data.get("test_normals_fraction", 0.0), config.seed, "test")
+    if method.calibrates and method.calibration_source == "normals":
+      split = datasets.hold_out_normals(split, config.data.calibration_fraction, config.seed, "calibration")
+    elif method.calibrates:
       split = datasets.hold_out_calibration(split, config.data.calibration_fraction, config.seed)
     split = datasets.hold_out_normals(split, config.data.threshold_fraction, config.seed)
     logging.info("Category %s: %d train, %d test (%d anomalous)%s%s%s", split.category, len(split.train),
@@ -196,7 +201,7 @@ def fit_category(config, method, extractor, split, key, workdir, scorer=None):
     scored = evaluate.score_dataset(config, method, state, extractor, split.calibration,
                                     f"calibrating {split.category}", scorer)
     return method.calibrate(state, {"scores": scored["scores"], "maps": scored["input_maps"],
-                                    "labels": scored["labels"]})
+                                    "labels": scored["labels"], "images": scored["images"]})
 
   if method.trains:
     return _train(config, method, extractor, normalisation, split, subclass_ids, (init_key, train_key, assign_key),
@@ -273,7 +278,8 @@ def run(config, workdir: str, mode: str) -> dict:
     if decision is not None:
       per_category[split.category]["decision"] = evaluate.decision_report(split.category, decision, scored)
     if scored["diagnostics"]:
-      per_category[split.category]["diagnostics"] = evaluate.log_diagnostics(split.category, scored["diagnostics"])
+      per_category[split.category]["diagnostics"] = evaluate.log_diagnostics(split.category, scored["diagnostics"],
+                                                                                 scored["labels"])
     if parallel.is_main_process():
       evaluate.write_overlays(os.path.join(workdir, "overlays", split.category), split, scored,
                               method.normalisation(extractor), config.eval.num_overlays, decision)

@@ -7,10 +7,10 @@ import pytest
 
 from adjax import configlib, methods
 from adjax.errors import ConfigError
-from configs import adapted_moe, fegan, patch_knn, pfm, rsad, simplenet
+from configs import adapted_moe, fegan, patch_knn, pfm, rsad, simplenet, triplet
 
 FILES = {"simplenet.py": simplenet, "rsad.py": rsad, "adapted_moe.py": adapted_moe, "pfm.py": pfm,
-         "patch_knn.py": patch_knn, "fegan.py": fegan}
+         "patch_knn.py": patch_knn, "fegan.py": fegan, "triplet.py": triplet}
 
 
 @pytest.mark.parametrize("file,variant", [(f, v) for f, m in FILES.items() for v in m.VARIANTS])

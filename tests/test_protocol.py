@@ -13,17 +13,17 @@ import numpy as np
 import pytest
 import toy_methods
 
-from adjax import caches, checkpoints, evaluate, methods, train
+from adjax import caches, checkpoints, configlib, evaluate, methods, train
 from adjax.data import datasets, pipeline
 from adjax.errors import ConfigError
-from configs import adapted_moe, fegan, patch_knn, pfm, rsad, simplenet
+from configs import adapted_moe, fegan, patch_knn, pfm, rsad, simplenet, triplet
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 toy_methods.register()
 
 SIZE = 32
 BUILT_IN = {"patch_knn": patch_knn, "simplenet": simplenet, "rsad": rsad, "adapted_moe": adapted_moe, "pfm": pfm,
-            "fegan": fegan}
+            "fegan": fegan, "triplet": triplet}
 
 
 def small_config(name):
@@ -34,6 +34,8 @@ def small_config(name):
     if "source_backbone" in c.model:
       c.model.backbone = c.model.source_backbone  # one backbone built, not two: the contract is the same
     c.data.image_size = c.data.crop_size = SIZE
+    if name == "triplet":  # its network maps a 64-pixel patch to one embedding: no smaller input
+      c.data.image_size, c.data.crop_size, c.model.scales, c.model.patches_per_scale = 64, 0, (1.0,), (2,)
     for key, value in (("dsc_hidden", None), ("routing_width", 8), ("mona_bottleneck", 8), ("latent", (4, 4, 4)),
                        ("width", 0.125)):
       if key in c.model:
@@ -62,7 +64,8 @@ def test_method_contract(name, tmp_path):
   assert (extractor is None) == ("features" not in method.train_inputs + method.score_inputs)
   normalisation = method.normalisation(extractor)
   rng = np.random.default_rng(0)
-  images = rng.integers(0, 256, (2, SIZE, SIZE, 3), dtype=np.uint8)
+  side = configlib.input_size(config)
+  images = rng.integers(0, 256, (2, side, side, 3), dtype=np.uint8)
   batch = {"subclass": np.zeros(2, np.int32)}
   if "images" in method.train_inputs:
     batch["images"] = images
@@ -85,7 +88,7 @@ def test_method_contract(name, tmp_path):
   scores, maps, diagnostics = scorer(state, None if extractor is None else extractor.variables, normalised)
   assert all(v.shape[0] == 2 and v.ndim == 2 for v in diagnostics.values())
   assert scores.shape == (2,) and scores.dtype == np.float32
-  assert maps.shape == (2, SIZE, SIZE) and maps.dtype == np.float32
+  assert maps.shape == (2, side, side) and maps.dtype == np.float32
   assert np.isfinite(np.asarray(maps)).all()
   checkpoints.save(str(tmp_path), "cat", 0, state)
   # Into the state's own structure (as training resumes) ...

@@ -117,10 +117,30 @@ def stripe_mask(images, key, widths=(2, 4, 8, 16), stripes=4):
   return jnp.where(mask[..., None], 0.0, images), mask
 
 
+def random_erasing(images, key, area_range=(0.02, 0.4), aspect_range=(0.3, 1 / 0.3), window=None):
+  """Random erasing (Zhong et al. 2020, Alg. 1): one rectangle per image of area_range of the
+  area (of a window x window square when `window` (B,) pixels is given, else of the image) and
+  aspect ratio uniform in aspect_range, at a uniform position, filled with uniform noise in
+  [0, 1]. Alg. 1 redraws a rectangle that does not fit; here its sides are clipped to the image."""
+  b, h, w, c = images.shape
+  k_area, k_aspect, k_y, k_x, k_fill = jax.random.split(key, 5)
+  base = jnp.full((b,), float(h * w)) if window is None else jnp.asarray(window, jnp.float32) ** 2
+  area = jax.random.uniform(k_area, (b,), minval=area_range[0], maxval=area_range[1]) * base
+  aspect = jax.random.uniform(k_aspect, (b,), minval=aspect_range[0], maxval=aspect_range[1])
+  heights = jnp.clip(jnp.round(jnp.sqrt(area * aspect)), 1, h).astype(jnp.int32)
+  widths = jnp.clip(jnp.round(jnp.sqrt(area / aspect)), 1, w).astype(jnp.int32)
+  y0 = (jax.random.uniform(k_y, (b,)) * (h - heights + 1)).astype(jnp.int32)
+  x0 = (jax.random.uniform(k_x, (b,)) * (w - widths + 1)).astype(jnp.int32)
+  mask = _inside(y0, x0, heights, widths, h, w)
+  noise = jax.random.uniform(k_fill, images.shape, images.dtype)
+  return jnp.where(mask[..., None], noise, images), mask
+
+
 def none(images, key):
   del key
   return images, jnp.zeros(images.shape[:3], bool)
 
 
 OPS = {"mse": self_copy_paste, "cutout": cutout, "cutout_colour": lambda x, k, **kw: cutout(x, k, colour=True, **kw),
-       "riad": grid_mask, "scadn": stripe_mask, "none": none}
+       "riad": grid_mask, "scadn": stripe_mask, "erasing": random_erasing,
+       "none": none}

@@ -213,22 +213,29 @@ def validate(split: Split) -> list:
   return sizes
 
 
-def hold_out_normals(split: Split, fraction: float, seed: int) -> Split:
-  """`split` with `fraction` of its training images (seeded, of each subclass) moved to
-  `held_out`: normal images never trained on, whose scores set the decision threshold."""
+def hold_out_normals(split: Split, fraction: float, seed: int, into: str = "held_out") -> Split:
+  """`split` with `fraction` of its training images (seeded, of each subclass) moved to `into`:
+  normal images never trained on. 'held_out': their scores set the decision threshold;
+  'calibration': a method's calibration split of normal images only; 'test': added to the
+  test images as normals (the triplet paper's protocol for its known classes)."""
   if fraction <= 0 or len(split.train) < 2:
     return split
-  rng = np.random.default_rng([seed, 11])
+  rng = np.random.default_rng([seed, {"held_out": 11, "calibration": 13, "test": 17}[into]])
   held = set()
   for subclass in sorted({r.subclass for r in split.train}):
     members = [i for i, r in enumerate(split.train) if r.subclass == subclass]
     count = min(len(members) - 1, int(round(fraction * len(members))))
     if count > 0:
       held.update(int(i) for i in rng.choice(members, count, replace=False))
-  if not held:  # a small set: still one image, so that the threshold rests on an unseen image
+  if not held:  # a small set: still one image, so that what it serves rests on an unseen image
     held.add(int(rng.integers(len(split.train))))
+  moved = [r for i, r in enumerate(split.train) if i in held]
+  if into == "test":
+    moved = [dataclasses.replace(r, defect_type="good", mask_path=None) for r in moved]
+    return dataclasses.replace(split, train=[r for i, r in enumerate(split.train) if i not in held],
+                               test=list(split.test) + moved)
   return dataclasses.replace(split, train=[r for i, r in enumerate(split.train) if i not in held],
-                             held_out=[r for i, r in enumerate(split.train) if i in held])
+                             **{into: moved})
 
 
 def hold_out_calibration(split: Split, fraction: float, seed: int) -> Split:

@@ -13,6 +13,7 @@ _REGISTRY = {
     "adapted_moe": "adapted_moe:AdaptedMoE",
     "pfm": "pfm:PFM",
     "fegan": "fegan:FEGAN",
+    "triplet": "triplet:Triplet",
 }
 METHODS = tuple(_REGISTRY)
 

@@ -14,8 +14,10 @@ Inputs, declared by class attributes:
   cache_features  whether 'features' may be computed once and reused every epoch: true
                   unless a random augmentation comes before the extractor
   trains          True: gradient training by `train_step`; False: statistics only (`fit`)
-  calibrates      True: `calibrate` runs after training on a labelled split held out of the
-                  test images (data.calibration_fraction), which is then never scored as test
+  calibrates      True: `calibrate` runs after training on a split of data.calibration_fraction
+                  held out of the test images (calibration_source 'test': labelled, never scored
+                  as test) or of the normal training images ('normals': never trained on, no
+                  test label read)
 
 Stages, in the order the loop calls them (all but `train_step` and `score` have defaults):
   check_config(config)                        before any data is read or anything compiled
@@ -43,9 +45,12 @@ Stages, in the order the loop calls them (all but `train_step` and `score` have 
   diagnostics(state, inputs) -> {name: (B, n)} per-image vectors, jittable, computed with the
                                               scores; the loop sums each over the test set and
                                               logs and reports the totals (e.g. per-expert
-                                              routing counts)
-  calibrate(state, scored) -> state           scored: {'scores', 'maps', 'labels'} of the
-                                              calibration split, scored with `state`
+                                              routing counts); those named image_score_<name>,
+                                              (B, 1), are other image scores, reported by their
+                                              image AUROC
+  calibrate(state, scored) -> state           scored: {'scores', 'maps', 'labels', 'images'} of
+                                              the calibration split, scored with `state`
+                                              ('images': the normalised inputs)
 `state` is a pytree of arrays whose structure `init` (or `fit`) fixes: the loop checkpoints it
 with Orbax and restores it into that structure.
 """
@@ -60,6 +65,7 @@ class Method:
   cache_features: bool = True
   trains: bool = True
   calibrates: bool = False
+  calibration_source: str = "test"
 
   def __init__(self, config):
     self.check_config(config)
@@ -69,9 +75,11 @@ class Method:
   def check_config(cls, config) -> None:
     """Raises ConfigError naming the key for values the method cannot use."""
     if cls.calibrates and not config.data.get("calibration_fraction", 0.0) > 0:
+      held = ("normal training images out of training" if cls.calibration_source == "normals"
+              else "test images out of the evaluation")
       raise ConfigError(f"model.name={config.model.name} fits a calibration after training and needs held-out "
-                        "labelled images: set data.calibration_fraction (e.g. 0.2) to hold that share of each "
-                        "category's test images out of the evaluation.")
+                        f"images: set data.calibration_fraction (e.g. 0.2) to hold that share of each category's "
+                        f"{held}.")
 
   def make_extractor(self) -> object | None:
     """SimpleNet-style patch features of `config.model` (adjax/backbones/patch_features.py)."""

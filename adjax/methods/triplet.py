@@ -1,0 +1,313 @@
+"""Triplet network for surface anomaly detection (Tayeh, Aburakhia, Myers, Shami),
+../shared/papers/triplet.md: a small residual CNN trained from scratch as a triplet network on
+64x64 grayscale patches with random-erased negatives; a per-class prototype; a linear SVM on
+the (mean, max) distance to it.
+
+Preprocessing (Sec. III-B): the loop resizes images to data.image_size (1024 in the paper's
+protocol); here they become grayscale (ITU-R BT.601 luma, as Keras' and PIL's conversions)
+and are min-max scaled to [0, 1] per image, inside the jitted step and scorer.
+Network (Sec. III-C, Fig. 5): three 3x3 valid convolutions (16 filters, ReLU), a 2x2 max-pool
+of stride 2, then seven residual blocks of two 3x3 valid convolutions with ReLU whose output is
+added to the block's input cropped by 2 pixels on every side. A 64x64 patch gives 1x1x16;
+the network is fully convolutional, so a 1024x1024 image gives 481x481x16, location (i, j)
+seeing the 64x64 window at (2i, 2j).
+Training patches (Sec. III-B): each image is resized to one of model.scales (fractions of the
+input side: 1024, 512, 256, 128 pixels in the paper) at random and gives model.patches_per_scale
+(16, 16, 8, 8) random 64x64 patches, all on the device: every image of a batch gets
+max(patches_per_scale) patch slots and the slots beyond its scale's count are masked out of
+the loss, so a batch of train.batch_size images (16) is at most 256 triplets (Sec. III-D: 256).
+Triplets (Sec. IV-A): the paper says only that the anchor and the positive are normal patches
+of one class. The anchor is a patch of one image; the positive is the patch at the same
+position and scale of the next image of the batch (the same category: the loop trains one
+category at a time), so that normal variation at a location is what the network learns to
+ignore, which is what the per-location prototype below measures against; the negative is the
+anchor with random erasing (Zhong et al., adjax/data/augment.py): it differs from the anchor
+only by a local deviation.
+Loss (Sec. IV-A, IV-D): d1 = ||f(a) - f(p)||, d2 = ||f(a) - f(n)|| (eqs. 1-2), softmax over
+(d1, d2), mean absolute error against a target. The paper writes the target [1, 0], which
+pushes d1 above d2, against its own stated aim (a higher similarity for a and p); we train the
+aim, as Hoffer and Ailon's triplet network that the paper cites does (softmax(d+, d-) -> (0, 1),
+so d+ -> 0): target [0, 1]. The MAE over the two entries equals softmax(d1, d2)[0].
+Prototype (Sec. III-E): "embedding a large amount of non-defective data of that class"; we
+take the per-location mean embedding map of the category's training images at the scoring
+resolution, because the distance map is compared location by location (MVTec objects are
+aligned, and for textures the per-location mean tends to the global mean anyway).
+Score: the per-location Euclidean distance to the prototype is the anomaly map (placed at the
+centre of each location's 64x64 window, so that it covers the image as the network sees it);
+the image score is a linear SVM (C = 1e8) on the map's mean and max. The paper fits that SVM on
+the labelled test images; adjax fits it (`calibrate`) on normal training images held out of
+training (data.calibration_fraction) against random-erased copies of them, so no real defect
+and no test label is ever seen. model.image_score='mean' or 'max' scores by the raw statistic.
+"""
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from absl import logging
+
+from adjax.data import augment
+from adjax.errors import ConfigError
+from adjax.methods import base
+
+IMAGE_SCORES = ("svm", "mean", "max")
+
+
+def output_side(side: int, stem: int = 3, blocks: int = 7) -> int:
+  """The embedding map's side for an input side: valid 3x3 convolutions lose 2 pixels each,
+  the pool halves, each residual block loses 4 (64 -> 1, 1024 -> 481)."""
+  return (side - 2 * stem) // 2 - 4 * blocks
+
+
+class ResidualBlock(nn.Module):
+  filters: int = 16
+
+  @nn.compact
+  def __call__(self, x):
+    y = nn.relu(nn.Conv(self.filters, (3, 3), padding="VALID", name="conv0")(x))
+    y = nn.relu(nn.Conv(self.filters, (3, 3), padding="VALID", name="conv1")(y))
+    return y + x[:, 2:-2, 2:-2, :]  # Fig. 5: the input cropped by 2 on every side
+
+
+class Embedding(nn.Module):
+  """Sec. III-C: (B, H, W, 1) grayscale in [0, 1] -> (B, h, w, filters), h = output_side(H)."""
+  filters: int = 16
+  stem: int = 3
+  blocks: int = 7
+
+  @nn.compact
+  def __call__(self, x):
+    for i in range(self.stem):
+      x = nn.relu(nn.Conv(self.filters, (3, 3), padding="VALID", name=f"stem{i}")(x))
+    x = nn.max_pool(x, (2, 2), (2, 2))
+    for i in range(self.blocks):
+      x = ResidualBlock(self.filters, name=f"block{i}")(x)
+    return x
+
+
+def grayscale(images):
+  """(B, H, W, 3) RGB in [0, 1] -> (B, H, W, 1) luma, min-max scaled per image (Sec. III-B)."""
+  g = jnp.tensordot(images, jnp.asarray([0.299, 0.587, 0.114], images.dtype), axes=([-1], [0]))[..., None]
+  lo = g.min(axis=(1, 2, 3), keepdims=True)
+  hi = g.max(axis=(1, 2, 3), keepdims=True)
+  return (g - lo) / jnp.maximum(hi - lo, 1e-6)
+
+
+def distance(a, b):
+  """eqs. 1-2: Euclidean distance over the last axis (an epsilon keeps its gradient finite at 0)."""
+  return jnp.sqrt(jnp.sum((a - b) ** 2, axis=-1) + 1e-12)
+
+
+def triplet_loss(d1, d2, valid):
+  """MAE of softmax(d1, d2) against the target [0, 1] (the module docstring's reading), i.e. the
+  masked mean of softmax(d1, d2)[0]."""
+  p_positive = jax.nn.softmax(jnp.stack([d1, d2], axis=-1), axis=-1)[..., 0]
+  return jnp.sum(p_positive * valid) / jnp.maximum(jnp.sum(valid), 1.0)
+
+
+def window_map(dist, side: int, patch: int):
+  """(B, h, w) distances of the windows at stride 2 -> (B, side, side): upsampled by the stride
+  and padded with edge values so that each value sits at its window's centre."""
+  b, h, w = dist.shape
+  up = jax.image.resize(dist, (b, 2 * h, 2 * w), method="linear", antialias=False)
+  before = patch // 2 - 1  # resize puts output pixel k at window k / 2 - 1/4, whose centre is k + patch/2 - 1
+  return jnp.pad(up, ((0, 0), (before, side - 2 * h - before), (before, side - 2 * w - before)), mode="edge")
+
+
+class Triplet(base.Method):
+  train_inputs = ("images",)
+  score_inputs = ("images",)
+  calibrates = True
+  calibration_source = "normals"
+
+  @classmethod
+  def check_config(cls, config):
+    if config.model.image_score not in IMAGE_SCORES:
+      raise ConfigError(f"model.image_score must be one of {', '.join(IMAGE_SCORES)}, not "
+                        f"'{config.model.image_score}'.")
+    if config.model.image_score == "svm":
+      super().check_config(config)
+    m = config.model
+    if len(tuple(m.scales)) != len(tuple(m.patches_per_scale)) or not tuple(m.scales):
+      raise ConfigError(f"model.scales {tuple(m.scales)} and model.patches_per_scale {tuple(m.patches_per_scale)} "
+                        "must be equally long and not empty (one patch count per training scale).")
+    from adjax import configlib
+    side = configlib.input_size(config)
+    smallest = int(round(side * min(m.scales)))
+    if smallest < m.patch_size:
+      raise ConfigError(f"model.scales {tuple(m.scales)} resize the {side}-pixel input down to {smallest} pixels, "
+                        f"smaller than one {m.patch_size}-pixel patch (model.patch_size): raise data.image_size or "
+                        "drop the smallest scale.")
+    if output_side(m.patch_size, m.stem, m.blocks) != 1:
+      raise ConfigError(f"model.patch_size={m.patch_size} must map to one embedding (1x1) through "
+                        f"{m.stem} stem convolutions and {m.blocks} residual blocks; the paper's is 64.")
+
+  def __init__(self, config):
+    super().__init__(config)
+    m = config.model
+    self.net = Embedding(m.filters, m.stem, m.blocks)
+    self.tx = optax.adam(m.lr, b1=m.adam_b1, b2=m.adam_b2, eps=m.adam_eps)
+
+  def make_extractor(self):
+    return None  # trained from scratch on the images: no frozen network
+
+  def init(self, sample, key, num_subclasses=1):
+    m = self.config.model
+    side = sample["images"].shape[1]
+    params = self.net.init(key, jnp.zeros((1, m.patch_size, m.patch_size, 1)))["params"]
+    h = output_side(side, m.stem, m.blocks)
+    return {"params": params, "opt_state": self.tx.init(params), "step": jnp.zeros((), jnp.int32),
+            "prototype": jnp.zeros((h, h, m.filters), jnp.float32),
+            # (w_mean, w_max, b) of the linear SVM; until `calibrate` the max distance alone
+            "svm": jnp.asarray([0.0, 1.0, 0.0], jnp.float32)}
+
+  def embed(self, params, gray):
+    return self.net.apply({"params": params}, gray)
+
+  def sample_patches(self, gray, key):
+    """Anchors, positives, negatives (N, P, P, 1) and their validity (N,), N = B * slots, and the
+    negatives' erased masks: the module docstring's training patches and triplets."""
+    m = self.config.model
+    b, side = gray.shape[0], gray.shape[1]
+    p, slots = m.patch_size, max(m.patches_per_scale)
+    k_scale, k_pos, k_erase = jax.random.split(key, 3)
+    scale = jax.random.randint(k_scale, (b,), 0, len(m.scales))
+    partner = jnp.roll(jnp.arange(b), -1)  # the next image of the batch gives the positive
+    uniform = jax.random.uniform(k_pos, (b, slots, 2))
+    anchors, positives = [], []
+    for fraction in m.scales:
+      s = int(round(side * fraction))
+      resized = gray if s == side else jax.image.resize(gray, (b, s, s, 1), method="linear", antialias=True)
+      corner = (uniform * (s - p + 1)).astype(jnp.int32)  # (B, slots, 2), the same for a and p
+
+      def cut(image, corners):
+        return jax.vmap(lambda c: jax.lax.dynamic_slice(image, (c[0], c[1], 0), (p, p, 1)))(corners)
+
+      anchors.append(jax.vmap(cut)(resized, corner))
+      positives.append(jax.vmap(cut)(resized[partner], corner))
+    pick = lambda stack: jnp.take_along_axis(jnp.stack(stack, 1), scale[:, None, None, None, None, None], 1)[:, 0]
+    a = pick(anchors).reshape(b * slots, p, p, 1)
+    pos = pick(positives).reshape(b * slots, p, p, 1)
+    counts = jnp.asarray(m.patches_per_scale)[scale]
+    valid = (jnp.arange(slots)[None, :] < counts[:, None]).reshape(-1).astype(jnp.float32)
+    n, erased = augment.random_erasing(a, k_erase, tuple(m.erase_area), tuple(m.erase_aspect))
+    return a, pos, n, valid, erased
+
+  def losses(self, params, gray, key):
+    a, p, n, valid, _ = self.sample_patches(gray, key)
+    fa, fp, fn = (self.embed(params, x)[:, 0, 0, :] for x in (a, p, n))
+    d1, d2 = distance(fa, fp), distance(fa, fn)
+    loss = triplet_loss(d1, d2, valid)
+    count = jnp.maximum(valid.sum(), 1.0)
+    return loss, {"loss": loss, "d1": jnp.sum(d1 * valid) / count, "d2": jnp.sum(d2 * valid) / count}
+
+  def train_step(self, state, batch, key):
+    gray = grayscale(batch["images"])
+    (_, terms), grads = jax.value_and_grad(self.losses, has_aux=True)(state["params"], gray, key)
+    updates, opt_state = self.tx.update(grads, state["opt_state"], state["params"])
+    params = optax.apply_updates(state["params"], updates)
+    return {**state, "params": params, "opt_state": opt_state, "step": state["step"] + 1}, terms
+
+  def distances(self, state, gray):
+    """(B, h, w) per-location distance to the prototype (Sec. III-E)."""
+    return distance(self.embed(state["params"], gray), state["prototype"][None])
+
+  def statistics(self, dist):
+    """(B, 2): each distance map's mean and max, the SVM's inputs."""
+    return jnp.stack([dist.mean(axis=(1, 2)), dist.max(axis=(1, 2))], axis=-1)
+
+  def score(self, state, inputs, image_shape):
+    images = inputs["images"]
+    dist = self.distances(state, grayscale(images))
+    statistics = self.statistics(dist)
+    kind = self.config.model.image_score
+    scores = {"mean": statistics[:, 0], "max": statistics[:, 1],
+              "svm": statistics @ state["svm"][:2] + state["svm"][2]}[kind]
+    return scores, window_map(dist, images.shape[1], self.config.model.patch_size)
+
+  def diagnostics(self, state, inputs):
+    """The raw mean and max distances as other image scores: their AUROC needs no fit at all."""
+    statistics = self.statistics(self.distances(state, grayscale(inputs["images"])))
+    return {"image_score_mean_distance": statistics[:, :1], "image_score_max_distance": statistics[:, 1:]}
+
+  def finalize(self, state, batches):
+    """The prototype: the per-location mean embedding of the training images."""
+    embed = jax.jit(lambda params, images: self.embed(params, grayscale(images)).sum(axis=0))
+    total, count = None, 0
+    for batch in batches:
+      part = embed(state["params"], batch["images"])
+      total = part if total is None else total + part
+      count += batch["images"].shape[0]
+    return {**state, "prototype": (total / count).astype(jnp.float32)}
+
+  def negatives(self, gray, key):
+    """Random-erased copies of whole images for the SVM: one rectangle each, drawn as in training
+    (area_range of a 64-pixel patch at one of the training scales, so model.patch_size / scale
+    pixels of the input), at a uniform position."""
+    m = self.config.model
+    k_scale, k_erase = jax.random.split(key)
+    windows = m.patch_size / jnp.asarray(m.scales)[jax.random.randint(k_scale, (gray.shape[0],), 0, len(m.scales))]
+    return augment.random_erasing(gray, k_erase, tuple(m.erase_area), tuple(m.erase_aspect), window=windows)[0]
+
+  def calibrate(self, state, scored):
+    """The linear SVM (`linear_svm`) on (mean, max) of the distance maps of held-out normal
+    training images (class 0) and of their random-erased copies (class 1)."""
+    m = self.config.model
+
+    @jax.jit
+    def statistics(state, images, key):
+      gray = grayscale(images)
+      return [self.statistics(self.distances(state, x)) for x in (gray, self.negatives(gray, key))]
+
+    images = np.asarray(scored["images"], np.float32)
+    normal, erased = [], []
+    key = jax.random.key(self.config.seed)
+    for copy in range(m.calibration_copies):
+      for start in range(0, len(images), self.config.eval.batch_size):
+        n, e = statistics(state, images[start:start + self.config.eval.batch_size],
+                          jax.random.fold_in(key, copy * len(images) + start))
+        if copy == 0:
+          normal.append(np.asarray(n))
+        erased.append(np.asarray(e))
+    x = np.concatenate(normal + erased).astype(np.float64)
+    y = np.concatenate([np.zeros(sum(len(n) for n in normal)), np.ones(sum(len(e) for e in erased))])
+    w, b = linear_svm(x, y)
+    accuracy = float(np.mean(((x @ w + b) > 0) == (y == 1)))
+    logging.info("triplet SVM on %d held-out normal images and %d erased copies: %.3f * mean + %.3f * max %+.3f "
+                 "(training accuracy %.3f)", len(images), len(y) - len(images), w[0], w[1], b, accuracy)
+    return {**state, "svm": jnp.asarray([w[0], w[1], b], jnp.float32)}
+
+
+def linear_svm(x, y):
+  """A linear SVM's (w, b) for points x (N, d) of classes y in {0, 1}, at the hard-margin end of
+  Sec. III-E's C = 1e8: among the separators with the least total hinge loss (each class's
+  weighted by N / (2 * its count), so the number of erased copies per image does not tilt it),
+  the one of widest margin. Two exact steps instead of libsvm, which stops at
+  its iteration limit with a wrong sign when a huge C meets classes that overlap: a linear
+  programme for the least hinge loss H, then a quadratic programme for the smallest ||w|| whose
+  hinge loss stays at H."""
+  from scipy import optimize
+  mean, std = x.mean(axis=0), max(float(x.std()), 1e-12)  # one shift and one scale for all features:
+  z = (x - mean) / std                                       # the widest margin is invariant to them
+  n, d = z.shape
+  sign = np.where(y == 1, 1.0, -1.0)
+  weight = np.where(y == 1, n / (2.0 * max(1, (y == 1).sum())), n / (2.0 * max(1, (y == 0).sum())))
+  # Variables [w (d), b, xi (n)]; constraints sign_i (w . z_i + b) + xi_i >= 1, xi >= 0.
+  margin = np.hstack([sign[:, None] * z, sign[:, None], np.eye(n)])
+  bounds = [(None, None)] * (d + 1) + [(0, None)] * n
+  lp = optimize.linprog(np.concatenate([np.zeros(d + 1), weight]), A_ub=-margin, b_ub=-np.ones(n), bounds=bounds,
+                        method="highs")
+  if lp.status != 0:
+    raise RuntimeError(f"the SVM's linear programme failed: {lp.message}")
+  hinge = lp.fun
+  tolerance = 1e-7 * max(1.0, hinge)
+  constraints = [{"type": "ineq", "fun": lambda v: margin @ v - 1.0, "jac": lambda v: margin},
+                 {"type": "ineq", "fun": lambda v: hinge + tolerance - weight @ v[d + 1:],
+                  "jac": lambda v: np.concatenate([np.zeros(d + 1), -weight])}]
+  qp = optimize.minimize(lambda v: 0.5 * v[:d] @ v[:d], lp.x,
+                         jac=lambda v: np.concatenate([v[:d], np.zeros(n + 1)]), bounds=bounds,
+                         constraints=constraints, method="SLSQP", options={"maxiter": 500})
+  v = qp.x if qp.success else lp.x  # the least-hinge separator is the answer up to the margin's tie-break
+  w = v[:d] / std
+  return w, float(v[d] - np.sum(v[:d] * mean / std))

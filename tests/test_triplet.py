@@ -1,0 +1,181 @@
+"""The triplet network (adjax/methods/triplet.py, configs/triplet.py): its shapes, residual crop,
+random erasing, training objective, prototype and distance map, the SVM and its calibration
+split, which never holds a test image."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from adjax import methods, train
+from adjax.data import augment, datasets
+from adjax.methods import triplet
+from configs import triplet as triplet_config
+
+
+def test_a_64_patch_gives_one_embedding_and_a_1024_image_481_by_481():
+  net = triplet.Embedding()
+  params = jax.eval_shape(net.init, jax.random.key(0), jnp.zeros((1, 64, 64, 1)))
+  assert jax.eval_shape(net.apply, params, jnp.zeros((2, 64, 64, 1))).shape == (2, 1, 1, 16)
+  assert jax.eval_shape(net.apply, params, jnp.zeros((1, 1024, 1024, 1))).shape == (1, 481, 481, 16)
+  assert triplet.output_side(64) == 1 and triplet.output_side(1024) == 481
+
+
+def test_residual_block_adds_its_input_cropped_by_two_on_every_side():
+  block = triplet.ResidualBlock(4)
+  x = jax.random.normal(jax.random.key(0), (1, 9, 11, 4))
+  params = block.init(jax.random.key(1), x)
+  zero = jax.tree.map(jnp.zeros_like, params)  # the convolutions add nothing: the output is the crop
+  np.testing.assert_array_equal(np.asarray(block.apply(zero, x)), np.asarray(x)[:, 2:-2, 2:-2, :])
+  convolved = block.apply(params, x) - x[:, 2:-2, 2:-2, :]
+  assert convolved.shape == (1, 5, 7, 4) and float(jnp.abs(convolved).max()) > 0
+
+
+def test_random_erasing_changes_pixels_only_inside_its_rectangle():
+  x = jax.random.uniform(jax.random.key(0), (6, 64, 64, 1))
+  y, mask = augment.random_erasing(x, jax.random.key(1))
+  x, y, mask = np.asarray(x), np.asarray(y), np.asarray(mask)
+  np.testing.assert_array_equal(y[~mask], x[~mask])
+  assert (y[mask] != x[mask]).mean() > 0.99
+  for m in mask:  # one axis-aligned rectangle of 2-40% of the patch
+    rows, cols = np.flatnonzero(m.any(axis=1)), np.flatnonzero(m.any(axis=0))
+    assert m.sum() == len(rows) * len(cols) and m[rows[0]:rows[-1] + 1, cols[0]:cols[-1] + 1].all()
+    assert 0.01 < m.mean() < 0.45
+  _, windowed = augment.random_erasing(jnp.asarray(x), jax.random.key(2), window=jnp.full((6,), 16.0))
+  assert np.asarray(windowed).sum(axis=(1, 2)).max() <= 0.45 * 16 * 16  # area relative to a 16-pixel window
+
+
+def _toy_config(**model):
+  c = triplet_config.get_config("")
+  c.data.image_size = 64
+  c.model.scales, c.model.patches_per_scale = (1.0,), (4,)
+  for k, v in model.items():
+    c.model[k] = v
+  return c
+
+
+def _stripes(n, seed=0):
+  """Normal toy images: vertical stripes of random phase, RGB in [0, 1]."""
+  rng = np.random.default_rng(seed)
+  cols = np.arange(96)[None, :] + rng.integers(0, 8, (n, 1))
+  gray = 0.5 + 0.4 * np.sign(np.sin(cols * np.pi / 4))
+  return np.repeat(np.broadcast_to(gray[:, None, :, None], (n, 96, 96, 1)), 3, axis=-1)[:, :64, :64].astype(
+      np.float32)
+
+
+def test_training_on_a_toy_set_brings_the_positive_closer_than_the_erased_negative():
+  method = methods.build(_toy_config())
+  images = _stripes(8)
+  state = method.init({"images": images[:1]}, jax.random.key(0))
+  step = jax.jit(method.train_step)
+  first = None
+  for t in range(40):
+    state, terms = step(state, {"images": images}, jax.random.key(t))
+    first = first or {k: float(v) for k, v in terms.items()}
+  last = {k: float(v) for k, v in terms.items()}
+  assert last["loss"] < 0.6 * first["loss"], (first, last)
+  assert last["d2"] - last["d1"] > first["d2"] - first["d1"] and last["d1"] < last["d2"]
+
+
+def test_triplet_loss_trains_the_aim_not_the_literal_target():
+  # softmax(d1, d2)[0] falls as d1 falls below d2: minimising it pulls the positive in.
+  near = triplet.triplet_loss(jnp.asarray([0.1]), jnp.asarray([2.0]), jnp.ones(1))
+  far = triplet.triplet_loss(jnp.asarray([2.0]), jnp.asarray([0.1]), jnp.ones(1))
+  assert float(near) < 0.2 and float(far) > 0.8
+  masked = triplet.triplet_loss(jnp.asarray([0.1, 9.0]), jnp.asarray([2.0, 0.0]), jnp.asarray([1.0, 0.0]))
+  np.testing.assert_allclose(float(masked), float(near), rtol=1e-6)  # slots beyond a scale's count are ignored
+
+
+def test_prototype_is_the_per_location_mean_and_the_map_its_distance_placed_at_window_centres():
+  c = _toy_config()
+  c.data.image_size = 72
+  method = methods.build(c)
+  images = _stripes(6)
+  images = np.concatenate([images, images[:, :8]], axis=1)
+  images = np.concatenate([images, images[:, :, :8]], axis=2)  # 72 x 72
+  state = method.init({"images": images[:1]}, jax.random.key(0))
+  state = method.finalize(state, [{"images": images[:4]}, {"images": images[4:]}])
+  embeddings = np.asarray(method.embed(state["params"], triplet.grayscale(jnp.asarray(images))))
+  assert embeddings.shape == (6, 5, 5, 16)
+  np.testing.assert_allclose(np.asarray(state["prototype"]), embeddings.mean(axis=0), rtol=1e-5, atol=1e-6)
+  scores, maps = method.score(state, {"images": jnp.asarray(images)}, (72, 72))
+  distance = np.linalg.norm(embeddings - embeddings.mean(axis=0), axis=-1)
+  assert maps.shape == (6, 72, 72)
+  np.testing.assert_allclose(np.asarray(scores), distance.max(axis=(1, 2)) * float(state["svm"][1]), rtol=1e-5)
+  # One hot window (2, 1) of a 5 x 5 map over a 72-pixel input: the 64-pixel window at (4, 2),
+  # centred at pixel (35.5, 33.5).
+  hot = np.zeros((1, 5, 5), np.float32)
+  hot[0, 2, 1] = 1.0
+  placed = np.asarray(triplet.window_map(jnp.asarray(hot), 72, 64))[0]
+  rows, cols = np.nonzero(placed == placed.max())
+  assert set(rows) == {35, 36} and set(cols) == {33, 34}
+
+
+def test_linear_svm_is_the_hard_margin_separator_and_keeps_its_sign_when_classes_overlap():
+  from sklearn.svm import SVC
+  rng = np.random.default_rng(0)
+  x = np.vstack([rng.normal([0, 0], 0.1, (20, 2)), rng.normal([2, 3], 0.1, (20, 2))])
+  y = np.r_[np.zeros(20), np.ones(20)]
+  w, b = triplet.linear_svm(x, y)
+  reference = SVC(kernel="linear", C=1e8).fit(x, y)
+  np.testing.assert_allclose(w, reference.coef_[0], rtol=1e-3)
+  np.testing.assert_allclose(b, reference.intercept_[0], rtol=1e-3)
+  overlapping = np.vstack([rng.normal([0, 0], 1.0, (18, 2)), rng.normal([1.5, 2.0], 1.0, (72, 2))])
+  y = np.r_[np.zeros(18), np.ones(72)]
+  w, b = triplet.linear_svm(overlapping, y)
+  assert w[0] > 0 and w[1] > 0 and np.mean(((overlapping @ w + b) > 0) == (y == 1)) > 0.8
+
+
+def test_default_calibration_holds_out_training_normals_and_never_a_test_image(synthetic_root):
+  c = triplet_config.get_config("")
+  c.data.root, c.data.category = synthetic_root, "wood"
+  method = methods.build(c)
+  assert method.calibration_source == "normals"
+  original = datasets.read_split("synthetic", synthetic_root, "wood")
+  split = train.load_splits(c, method)[0]
+  train_paths, test_paths = {r.path for r in original.train}, {r.path for r in original.test}
+  calibration = {r.path for r in split.calibration}
+  assert calibration and calibration <= train_paths and not calibration & test_paths
+  assert all(r.label == 0 for r in split.calibration)
+  assert not calibration & {r.path for r in split.train + split.held_out}
+  assert {r.path for r in split.test} == test_paths  # every test image is still scored
+
+
+def test_calibrate_fits_the_svm_on_normals_against_their_erased_copies():
+  c = _toy_config()
+  method = methods.build(c)
+  images = _stripes(8)
+  state = method.init({"images": images[:1]}, jax.random.key(0))
+  step = jax.jit(method.train_step)
+  for t in range(5):
+    state, _ = step(state, {"images": images}, jax.random.key(t))
+  state = method.finalize(state, [{"images": images}])
+  held = _stripes(6, seed=1)
+  calibrated = method.calibrate(state, {"images": held, "labels": np.zeros(6, np.int32)})
+  assert not np.array_equal(np.asarray(calibrated["svm"]), np.asarray(state["svm"]))
+  clean = triplet.grayscale(jnp.asarray(held))
+  erased = method.negatives(clean, jax.random.key(5))
+  assert (np.asarray(erased) != np.asarray(clean)).any(axis=(1, 2, 3)).all()
+  svm = np.asarray(calibrated["svm"])
+  score = lambda gray: np.asarray(method.statistics(method.distances(calibrated, gray))) @ svm[:2] + svm[2]
+  assert score(erased).mean() > score(clean).mean()
+
+
+def test_the_known_class_protocol_moves_half_the_training_normals_to_the_test_set(synthetic_root):
+  c = triplet_config.get_config("mvtec_ad")
+  assert c.data.test_normals_fraction == 0.5 and c.data.image_size == 1024 and c.train.epochs == 40
+  split = datasets.read_split("synthetic", synthetic_root, "metal")
+  moved = datasets.hold_out_normals(split, 0.5, 0, "test")
+  added = [r for r in moved.test if r.path in {t.path for t in split.train}]
+  assert len(added) == len(split.train) - len(moved.train) and abs(len(added) - len(split.train) / 2) <= 3
+  assert all(r.label == 0 and r.defect_type == "good" for r in added)
+  assert moved.test[:len(split.test)] == split.test
+
+
+@pytest.mark.parametrize("bad,match", [({"image_score": "median"}, "model.image_score"),
+                                       ({"scales": (1.0, 0.25)}, "model.scales"),
+                                       ({"patch_size": 32}, "model.patch_size")])
+def test_bad_keys_are_named(bad, match):
+  from adjax.errors import ConfigError
+  with pytest.raises(ConfigError, match=match):
+    methods.build(_toy_config(**bad))
