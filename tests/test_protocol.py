@@ -55,7 +55,10 @@ def test_every_method_is_registered_and_every_config_names_a_registered_method()
     methods.get("nope")
 
 
-@pytest.mark.parametrize("name", list(methods.METHODS) + ["toy_autoencoder", "toy_calibrated"])
+# FEGAN's case under -m slow (~80 s on 2 cores): its end-to-end run through the loop (test_fegan.py)
+# exercises the same stages in the default suite.
+@pytest.mark.parametrize("name", [pytest.param(n, marks=pytest.mark.slow) if n == "fegan" else n
+                                  for n in list(methods.METHODS) + ["toy_autoencoder", "toy_calibrated"]])
 def test_method_contract(name, tmp_path):
   """build, init (or fit), one jitted training step, score shapes and dtypes, save and restore."""
   config = small_config(name)

@@ -69,7 +69,7 @@ def test_training_on_a_toy_set_brings_the_positive_closer_than_the_erased_negati
   state = method.init({"images": images[:1]}, jax.random.key(0))
   step = jax.jit(method.train_step)
   first = None
-  for t in range(40):
+  for t in range(30):
     state, terms = step(state, {"images": images}, jax.random.key(t))
     first = first or {k: float(v) for k, v in terms.items()}
   last = {k: float(v) for k, v in terms.items()}
@@ -179,3 +179,80 @@ def test_bad_keys_are_named(bad, match):
   from adjax.errors import ConfigError
   with pytest.raises(ConfigError, match=match):
     methods.build(_toy_config(**bad))
+
+
+def _small_run_config(root, epochs):
+  c = triplet_config.get_config("")
+  c.data.root, c.data.category, c.data.image_size = root, "wood", 64
+  c.model.scales, c.model.patches_per_scale = (1.0,), (4,)
+  c.train.epochs, c.train.batch_size = epochs, 8
+  return c
+
+
+_DEVICES_SCRIPT = """
+import json, sys
+sys.path.insert(0, {tests!r})
+import jax
+from adjax import train
+from test_triplet import _small_run_config
+report = train.run(_small_run_config({root!r}, 2), {workdir!r}, "train")
+print(json.dumps({{"devices": jax.device_count(), "image_auroc": report["wood"]["image_auroc"]}}))
+"""
+
+
+def _params(workdir):
+  from flax import traverse_util
+
+  from adjax import checkpoints
+  state = checkpoints.restore(str(workdir), "wood")["state"]
+  return traverse_util.flatten_dict(jax.device_get({"params": state["params"], "prototype": state["prototype"],
+                                                    "svm": state["svm"]}), sep="/")
+
+
+@pytest.mark.slow  # ~2 min on 2 cores; the loop's data parallelism for image-space methods is in test_protocol.py
+def test_triplet_training_on_8_devices_matches_one(tmp_path, synthetic_root):
+  import json
+  import os
+  import subprocess
+  import sys
+  tests = os.path.dirname(__file__)
+  results = {}
+  for devices in (1, 8):
+    workdir = tmp_path / f"devices{devices}"
+    env = {**os.environ, "XLA_FLAGS": f"--xla_force_host_platform_device_count={devices}",
+           "PYTHONPATH": os.path.dirname(tests)}
+    done = subprocess.run([sys.executable, "-c", _DEVICES_SCRIPT.format(tests=tests, root=synthetic_root,
+                                                                      workdir=str(workdir))],
+                          env=env, cwd=os.path.dirname(tests), capture_output=True, text=True, timeout=900)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert json.loads(done.stdout.strip().splitlines()[-1])["devices"] == devices
+    results[devices] = _params(workdir)
+  for name, value in results[1].items():
+    scale = max(1e-3, float(np.abs(value).max()))
+    np.testing.assert_allclose(results[8][name], value, atol=1e-4 * scale, rtol=1e-4, err_msg=name)
+
+
+@pytest.mark.slow  # ~1.5 min on 2 cores; the loop's exact resume is in test_protocol.py
+def test_triplet_training_killed_and_resumed_ends_with_the_uninterrupted_state(tmp_path, synthetic_root,
+                                                                              monkeypatch):
+  from adjax import caches
+  config = _small_run_config(synthetic_root, 4)
+  config.train.checkpoint_every, config.train.checkpoint_min_seconds = 1, 0.0
+  train.run(config, str(tmp_path / "straight"), "train")
+  full_epoch, calls = caches.TrainingSet.epoch, []
+
+  def dying_epoch(self, order, batch_size):
+    calls.append(len(order))
+    if len(calls) == 3 and len(order) == len(self.records) and len(order) > batch_size:
+      raise KeyboardInterrupt("simulated kill in epoch 3")
+    return full_epoch(self, order, batch_size)
+
+  monkeypatch.setattr(caches.TrainingSet, "epoch", dying_epoch)
+  with pytest.raises(KeyboardInterrupt):
+    train.run(config, str(tmp_path / "resumed"), "train")
+  monkeypatch.setattr(caches.TrainingSet, "epoch", full_epoch)
+  train.run(config, str(tmp_path / "resumed"), "train")
+  straight, resumed = _params(tmp_path / "straight"), _params(tmp_path / "resumed")
+  assert straight.keys() == resumed.keys()
+  for name in straight:
+    np.testing.assert_array_equal(straight[name], resumed[name], err_msg=name)
