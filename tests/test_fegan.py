@@ -11,8 +11,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+import resume
 
-from adjax import caches, checkpoints, configlib, methods, train
+from adjax import checkpoints, configlib, methods, train
 from adjax.data import augment
 from configs import fegan as fegan_config
 
@@ -259,20 +260,7 @@ def test_training_on_8_devices_matches_one(tmp_path, synthetic_root):
 def test_interrupted_training_resumes_to_the_uninterrupted_parameters(tmp_path, synthetic_root, monkeypatch):
   config = small_config()
   config.data.root, config.train.epochs = synthetic_root, 3
-  train.run(config, str(tmp_path / "straight"), "train")
-  full_epoch, calls = caches.TrainingSet.epoch, []
-
-  def dying_epoch(self, order, batch_size):
-    calls.append(1)
-    if len(calls) == 2:
-      raise KeyboardInterrupt("simulated kill in epoch 2")
-    return full_epoch(self, order, batch_size)
-
-  monkeypatch.setattr(caches.TrainingSet, "epoch", dying_epoch)
-  with pytest.raises(KeyboardInterrupt):
-    train.run(config, str(tmp_path / "resumed"), "train")
-  monkeypatch.setattr(caches.TrainingSet, "epoch", full_epoch)
-  train.run(config, str(tmp_path / "resumed"), "train")
+  resume.straight_and_resumed(config, tmp_path, monkeypatch, kill_in_epoch=2)
   straight, resumed = _params(tmp_path / "straight"), _params(tmp_path / "resumed")
   for name in straight:
     np.testing.assert_array_equal(straight[name], resumed[name], err_msg=name)

@@ -11,6 +11,7 @@ import textwrap
 import jax
 import numpy as np
 import pytest
+import resume
 import toy_methods
 
 from adjax import caches, checkpoints, configlib, evaluate, methods, train
@@ -157,21 +158,10 @@ def _params(workdir, category="wood"):
 def test_image_space_training_resumes_to_the_uninterrupted_parameters(tmp_path, synthetic_root, monkeypatch):
   config = toy_methods.config("toy_autoencoder", size=SIZE, epochs=4)
   config.data.root = synthetic_root
-  train.run(config, str(tmp_path / "straight"), "train")
-  full_epoch, calls = caches.TrainingSet.epoch, []
+  def saved_epochs_1_and_2(workdir):
+    assert sorted(os.listdir(os.path.join(workdir, "checkpoints", "wood")))[-1] == "1"
 
-  def dying_epoch(self, order, batch_size):
-    calls.append(len(order))
-    if len(calls) == 3 and len(order) == len(self.records) and len(order) > batch_size:
-      raise KeyboardInterrupt("simulated kill in epoch 3")
-    return full_epoch(self, order, batch_size)
-
-  monkeypatch.setattr(caches.TrainingSet, "epoch", dying_epoch)
-  with pytest.raises(KeyboardInterrupt):
-    train.run(config, str(tmp_path / "resumed"), "train")
-  assert sorted(os.listdir(tmp_path / "resumed" / "checkpoints" / "wood"))[-1] == "1"
-  monkeypatch.setattr(caches.TrainingSet, "epoch", full_epoch)
-  train.run(config, str(tmp_path / "resumed"), "train")
+  resume.straight_and_resumed(config, tmp_path, monkeypatch, after_kill=saved_epochs_1_and_2)
   straight, resumed = _params(tmp_path / "straight"), _params(tmp_path / "resumed")
   assert straight.keys() == resumed.keys()
   for name in straight:

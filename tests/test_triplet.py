@@ -235,23 +235,10 @@ def test_triplet_training_on_8_devices_matches_one(tmp_path, synthetic_root):
 @pytest.mark.slow  # ~1.5 min on 2 cores; the loop's exact resume is in test_protocol.py
 def test_triplet_training_killed_and_resumed_ends_with_the_uninterrupted_state(tmp_path, synthetic_root,
                                                                               monkeypatch):
-  from adjax import caches
+  import resume
   config = _small_run_config(synthetic_root, 4)
   config.train.checkpoint_every, config.train.checkpoint_min_seconds = 1, 0.0
-  train.run(config, str(tmp_path / "straight"), "train")
-  full_epoch, calls = caches.TrainingSet.epoch, []
-
-  def dying_epoch(self, order, batch_size):
-    calls.append(len(order))
-    if len(calls) == 3 and len(order) == len(self.records) and len(order) > batch_size:
-      raise KeyboardInterrupt("simulated kill in epoch 3")
-    return full_epoch(self, order, batch_size)
-
-  monkeypatch.setattr(caches.TrainingSet, "epoch", dying_epoch)
-  with pytest.raises(KeyboardInterrupt):
-    train.run(config, str(tmp_path / "resumed"), "train")
-  monkeypatch.setattr(caches.TrainingSet, "epoch", full_epoch)
-  train.run(config, str(tmp_path / "resumed"), "train")
+  resume.straight_and_resumed(config, tmp_path, monkeypatch)
   straight, resumed = _params(tmp_path / "straight"), _params(tmp_path / "resumed")
   assert straight.keys() == resumed.keys()
   for name in straight:
