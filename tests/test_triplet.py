@@ -227,9 +227,16 @@ def test_triplet_training_on_8_devices_matches_one(tmp_path, synthetic_root):
     assert done.returncode == 0, done.stderr[-3000:]
     assert json.loads(done.stdout.strip().splitlines()[-1])["devices"] == devices
     results[devices] = _params(workdir)
-  for name, value in results[1].items():
-    scale = max(1e-3, float(np.abs(value).max()))
-    np.testing.assert_allclose(results[8][name], value, atol=1e-4 * scale, rtol=1e-4, err_msg=name)
+  # Summation order differs across 8 shards, and Adam turns a near-zero gradient's rounding into up to
+  # one step (lr 1e-4): a few elements may differ by that much, no more, and almost all agree closely.
+  for name in ("prototype", "svm"):  # functions of the parameters: close relative to their own scale
+    value = np.asarray(results[1].pop(name))
+    np.testing.assert_allclose(results[8][name], value, atol=1e-3 * np.abs(value).max(), err_msg=name)
+  diffs = {name: np.abs(np.asarray(results[8][name]) - np.asarray(value)).ravel() for name, value in results[1].items()}
+  for name, diff in diffs.items():
+    assert diff.max() <= 1e-4, (name, diff.max())
+  every = np.concatenate(list(diffs.values()))
+  assert (every > 1e-5).mean() <= 0.01, (every > 1e-5).mean()
 
 
 @pytest.mark.slow  # ~1.5 min on 2 cores; the loop's exact resume is in test_protocol.py
