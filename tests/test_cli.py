@@ -293,7 +293,11 @@ def test_ctrl_c_ends_training_with_one_line(tmp_path, synthetic_root):
     while "epoch 10/" not in log.read_text() and time.monotonic() < deadline and process.poll() is None:
       time.sleep(0.5)  # log_every is 10 epochs: the first checkpoint is written by then
     process.send_signal(signal.SIGINT)
-    process.wait(timeout=120)
+    try:
+      process.wait(timeout=120)
+    except subprocess.TimeoutExpired:  # seen once in CI under two xdist workers: keep what it was doing
+      process.kill()
+      pytest.fail(f"no exit 120 s after Ctrl-C; its log ends:\n{log.read_text()[-3000:]}")
   text = log.read_text()
   assert process.returncode == 130, text[-3000:]
   assert "Traceback" not in text
