@@ -166,8 +166,8 @@ class Triplet(base.Method):
     return self.net.apply({"params": params}, gray)
 
   def sample_patches(self, gray, key):
-    """Anchors, positives, negatives (N, P, P, 1) and their validity (N,), N = B * slots, and the
-    negatives' erased masks: the module docstring's training patches and triplets."""
+    """Anchors, positives, negatives (N, P, P, 1) and their validity (N,), N = B * slots: the module
+    docstring's training patches and triplets."""
     m = self.config.model
     b, side = gray.shape[0], gray.shape[1]
     p, slots = m.patch_size, max(m.patches_per_scale)
@@ -191,11 +191,11 @@ class Triplet(base.Method):
     pos = pick(positives).reshape(b * slots, p, p, 1)
     counts = jnp.asarray(m.patches_per_scale)[scale]
     valid = (jnp.arange(slots)[None, :] < counts[:, None]).reshape(-1).astype(jnp.float32)
-    n, erased = augment.random_erasing(a, k_erase, tuple(m.erase_area), tuple(m.erase_aspect))
-    return a, pos, n, valid, erased
+    n = augment.random_erasing(a, k_erase, tuple(m.erase_area), tuple(m.erase_aspect))[0]
+    return a, pos, n, valid
 
   def losses(self, params, gray, key):
-    a, p, n, valid, _ = self.sample_patches(gray, key)
+    a, p, n, valid = self.sample_patches(gray, key)
     fa, fp, fn = (self.embed(params, x)[:, 0, 0, :] for x in (a, p, n))
     d1, d2 = distance(fa, fp), distance(fa, fn)
     loss = triplet_loss(d1, d2, valid)
@@ -255,21 +255,16 @@ class Triplet(base.Method):
     training images (class 0) and of their random-erased copies (class 1)."""
     m = self.config.model
 
-    @jax.jit
-    def statistics(state, images, key):
-      gray = grayscale(images)
-      return [self.statistics(self.distances(state, x)) for x in (gray, self.negatives(gray, key))]
-
+    statistics = jax.jit(lambda state, gray: self.statistics(self.distances(state, gray)))
+    gray_of, erase = jax.jit(grayscale), jax.jit(self.negatives)
     images = np.asarray(scored["images"], np.float32)
     normal, erased = [], []
     key = jax.random.key(self.config.seed)
-    for copy in range(m.calibration_copies):
-      for start in range(0, len(images), self.config.eval.batch_size):
-        n, e = statistics(state, images[start:start + self.config.eval.batch_size],
-                          jax.random.fold_in(key, copy * len(images) + start))
-        if copy == 0:
-          normal.append(np.asarray(n))
-        erased.append(np.asarray(e))
+    for start in range(0, len(images), self.config.eval.batch_size):
+      gray = gray_of(images[start:start + self.config.eval.batch_size])
+      normal.append(np.asarray(statistics(state, gray)))  # once per image; only the erasures are redrawn
+      for copy in range(m.calibration_copies):
+        erased.append(np.asarray(statistics(state, erase(gray, jax.random.fold_in(key, copy * len(images) + start)))))
     x = np.concatenate(normal + erased).astype(np.float64)
     y = np.concatenate([np.zeros(sum(len(n) for n in normal)), np.ones(sum(len(e) for e in erased))])
     w, b = linear_svm(x, y)
