@@ -2,7 +2,7 @@
 
 Keys (override any with --config.<key>=<value>):
   seed                      randomness for init, noise and shuffling
-  data.name                 mvtec_ad | mpdd | visa | btad | texture_ad | folder | synthetic
+  data.name                 mvtec_ad | mpdd | visa | pcb_bank | btad | texture_ad | folder | synthetic
   data.root                 dataset folder ('' for synthetic: generated into the adjax cache)
   data.category             one category, a comma list, or 'all'
   data.resize               how an image of any shape becomes the model's square input

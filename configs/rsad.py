@@ -6,14 +6,14 @@ Usage:
 
 Variant: '<dataset>[,aligner=<aligner>]' (configlib.parse_arg's grammar), e.g. 'mpdd,aligner=fc'.
   dataset: '' (built-in dataset, offline EfficientNet-Lite0), 'mpdd' (the paper's main table),
-           'mvtec_ad', 'visa' (WideResNet50 layer2+3, 256 -> 224, batch 4, 160 epochs),
-           'mvtec_ad_lite0'.
+           'mvtec_ad', 'visa', 'pcb_bank' (Table 4's three benchmarks: WideResNet50 layer2+3,
+           256 -> 224, batch 4, 160 epochs), 'mvtec_ad_lite0'.
   aligner: Table 5's ablation: 'mona' (default, RSAD), 'fc' (bias-free FC layer), 'none'.
 """
 
 from adjax import configlib
 
-DATASETS = ("", "mpdd", "mvtec_ad", "visa", "mvtec_ad_lite0")
+DATASETS = ("", "mpdd", "mvtec_ad", "visa", "pcb_bank", "mvtec_ad_lite0")
 VARIANTS = DATASETS + ("mpdd,aligner=fc", ",aligner=none")
 _OLD_SUFFIXES = {"_no_adapter": "none", "_fc": "fc", "no_adapter": "none", "fc": "fc"}
 
@@ -54,7 +54,7 @@ def get_config(arg: str = ""):
   if arg == "":
     configlib.lite0_demo(c)
     c.train.epochs = 16
-  elif arg in ("mpdd", "mvtec_ad", "visa"):
+  elif arg in ("mpdd", "mvtec_ad", "visa", "pcb_bank"):
     configlib.wrn50_paper(c, arg)
   else:  # mvtec_ad_lite0
     configlib.lite0_real_data(c, "mvtec_ad")

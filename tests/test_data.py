@@ -185,6 +185,38 @@ def test_btad_and_visa_layouts(tmp_path):
   assert transforms.load_mask(split.test[1].mask_path).all()
 
 
+def test_pcb_bank_layout_as_published(tmp_path):
+  """PCB-Bank's archive (pcb<N>/Data/Images, Data/Masks with class ids) and its repository's
+  1cls_clear.csv; a category whose images are absent (pcb5/6 come by e-mail) is named in the error."""
+  rng = np.random.default_rng(0)
+  root = tmp_path / "PCB-Bank"
+  def save(rel, array):
+    (root / rel).parent.mkdir(parents=True, exist_ok=True)
+    Image.fromarray(array).save(root / rel)
+  for i in range(3):
+    save(f"pcb7/Data/Images/Normal/{i:04d}.JPG", rng.integers(0, 256, (12, 20, 3), dtype=np.uint8))
+  save("pcb7/Data/Images/Anomaly/0100.JPG", rng.integers(0, 256, (12, 20, 3), dtype=np.uint8))
+  mask = np.zeros((12, 20), np.uint8)
+  mask[2:5, 3:9] = 1  # id2class: pcb7 1 = "Missing Switch"
+  save("pcb7/Data/Masks/Anomaly/0100.png", mask)
+  rows = ["object,split,label,image,mask",
+          "pcb7,train,normal,pcb7/Data/Images/Normal/0000.JPG,",
+          "pcb7,train,normal,pcb7/Data/Images/Normal/0001.JPG,",
+          "pcb7,test,normal,pcb7/Data/Images/Normal/0002.JPG,",
+          "pcb7,test,anomaly,pcb7/Data/Images/Anomaly/0100.JPG,pcb7/Data/Masks/Anomaly/0100.png",
+          "pcb5,train,normal,pcb5/Data/Images/Normal/0000.JPG,"]
+  with pytest.raises(DataError, match="1cls.csv"):
+    datasets.read_split("pcb_bank", str(root), "pcb7")
+  (root / "1cls_clear.csv").write_text("\n".join(rows) + "\n")
+  assert datasets.categories_from_config("pcb_bank", str(root), "all") == ["pcb5", "pcb7"]
+  split = datasets.read_split("pcb_bank", str(root), "pcb7")
+  assert ([r.label for r in split.train], [r.label for r in split.test]) == ([0, 0], [0, 1])
+  assert datasets.validate(split) == [(20, 12)] * 4
+  assert transforms.load_mask(split.test[1].mask_path).sum() == 18  # class ids count as anomalous
+  with pytest.raises(DataError, match="pcb5.*does not exist.*e-mail"):
+    datasets.read_split("pcb_bank", str(root), "pcb5")
+
+
 def test_synthetic_dataset_is_deterministic_and_has_unseen_subclasses(tmp_path):
   root_a = synthetic.ensure_generated(str(tmp_path / "a"))
   split = datasets.read_split("synthetic", root_a, "cloth")

@@ -4,6 +4,11 @@ Layouts (one `root`, categories below it):
 - mvtec_ad, mpdd:  <root>/<category>/train/good, test/<defect>, ground_truth/<defect>/<stem>_mask.png
 - btad:            <root>/<category>/train/ok, test/ok, test/ko, ground_truth/ko/<stem>.<png|bmp>
 - visa:            <root>/split_csv/1cls.csv (object,split,label,image,mask; paths relative to root)
+- pcb_bank:        PCB-Bank (GLAD, Yao et al., ECCV 2024; RSAD Table 4) as published: <root>/pcb<N>/Data/
+                   Images/{Normal,Anomaly}, Data/Masks/Anomaly (class ids 1..n), and the repository's split
+                   file in the 1cls.csv format of VisA, at <root>/1cls.csv, <root>/1cls_clear.csv or
+                   <root>/split_csv/1cls.csv (paths relative to root). The reorganised MVTec-style copy
+                   that its prepare_data.py writes reads as data.name=mvtec_ad.
 - texture_ad:      <root>/<category>/<subclass>/ with the MVTec layout inside each subclass. Texture-AD
                    (Lei et al., 2024) organises images per category and subclass; adjax expects its
                    subclasses unpacked this way. A subclass with no train images is "unseen".
@@ -25,7 +30,7 @@ import numpy as np
 from adjax.data import transforms
 from adjax.errors import ConfigError, DataError
 
-NAMES = ("mvtec_ad", "mpdd", "visa", "btad", "texture_ad", "folder", "synthetic")
+NAMES = ("mvtec_ad", "mpdd", "visa", "pcb_bank", "btad", "texture_ad", "folder", "synthetic")
 NORMAL_DIRS = ("good", "ok", "normal")  # test folders of normal images, in any letter case
 
 
@@ -119,11 +124,32 @@ def _merge(category: str, parts: list) -> Split:
                all(p.has_masks for p in parts))
 
 
-def _visa(root: str, category: str) -> Split:
-  csv_path = os.path.join(root, "split_csv", "1cls.csv")
-  if not os.path.exists(csv_path):
-    raise DataError(f"VisA split file {csv_path} does not exist. data.root must be the VisA folder "
-                    "that holds split_csv/1cls.csv (as unpacked from the official archive).")
+# Where each split-file dataset keeps its 1cls.csv, relative to data.root, first match wins.
+SPLIT_FILES = {
+    "visa": ("split_csv/1cls.csv",),
+    # The PCB-Bank repository ships 1cls_clear.csv beside prepare_data.py; its README calls it 1cls.csv.
+    "pcb_bank": ("1cls.csv", "1cls_clear.csv", "split_csv/1cls.csv"),
+}
+_SPLIT_HELP = {
+    "visa": "data.root must be the VisA folder that holds split_csv/1cls.csv (as unpacked from the "
+            "official archive).",
+    "pcb_bank": "data.root must be the PCB-Bank folder that holds pcb1 .. pcb7; put the split file from "
+                "the PCB-Bank repository (1cls_clear.csv) there as 1cls.csv.",
+}
+
+
+def split_file(name: str, root: str) -> str:
+  """The split CSV of a split-file dataset (visa, pcb_bank); DataError naming the places looked at."""
+  candidates = [os.path.join(root, rel) for rel in SPLIT_FILES[name]]
+  for path in candidates:
+    if os.path.exists(path):
+      return path
+  raise DataError(f"No {name} split file: none of {', '.join(candidates)} exists. {_SPLIT_HELP[name]}")
+
+
+def _from_split_file(name: str, root: str, category: str) -> Split:
+  """The rows of one object in a 1cls.csv (object,split,label,image,mask; paths relative to root)."""
+  csv_path = split_file(name, root)
   train, test = [], []
   with open(csv_path, newline="") as f:
     for row in csv.DictReader(f):
@@ -138,12 +164,19 @@ def _visa(root: str, category: str) -> Split:
       (train if row["split"].strip() == "train" else test).append(record)
   if not train and not test:
     raise DataError(f"{csv_path} has no rows for category '{category}' (data.category).")
+  missing = next((r.path for r in train + test if not os.path.exists(r.path)), None)
+  if missing is not None:
+    extra = (" PCB-Bank's pcb5 and pcb6 (from Real-IAD) are not in its public archive: they come by "
+             "e-mail from the Real-IAD authors; or leave them out of data.category."
+             if name == "pcb_bank" else "")
+    raise DataError(f"{csv_path} lists {missing}, which does not exist: data.root must be the folder the "
+                    f"CSV's paths are relative to.{extra}")
   return Split(category, train, test, True)
 
 
 def list_categories(name: str, root: str) -> list:
-  if name == "visa":
-    with open(os.path.join(root, "split_csv", "1cls.csv"), newline="") as f:
+  if name in SPLIT_FILES:
+    with open(split_file(name, root), newline="") as f:
       return sorted({row["object"] for row in csv.DictReader(f)})
   return sorted(d for d in os.listdir(root) if os.path.isdir(os.path.join(root, d))
                 and d not in ("split_csv",) and not d.startswith("."))
@@ -160,8 +193,8 @@ def read_split(name: str, root: str, category: str) -> Split:
     split = _mvtec_like(os.path.join(root, category), category)
   elif name == "btad":
     split = _mvtec_like(os.path.join(root, category), category, normal="ok")
-  elif name == "visa":
-    split = _visa(root, category)
+  elif name in SPLIT_FILES:
+    split = _from_split_file(name, root, category)
   elif name in ("texture_ad", "synthetic"):
     category_dir = os.path.join(root, category)
     _require_dir(category_dir, "category", "Check data.root and data.category.")
