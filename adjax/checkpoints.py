@@ -62,6 +62,15 @@ def restore_latest(checkpoints, target=None):
                           "Delete that step folder to fall back to the previous one, or train again.") from None
 
 
+def exists(workdir, category) -> bool:
+  """Whether a category has a finished checkpoint (of any epoch) in workdir."""
+  path = os.path.join(workdir, "checkpoints", category or "default")
+  if not os.path.isdir(path):
+    return False
+  with manager(workdir, category) as checkpoints:
+    return checkpoints.latest_step() is not None
+
+
 def restore(workdir, category, target=None):
   """The latest checkpoint {'state', 'epoch'} of a trained category."""
   path = os.path.join(workdir, "checkpoints", category or "default")

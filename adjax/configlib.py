@@ -41,6 +41,11 @@ Keys (override any with --config.<key>=<value>):
                             to this size, else on the host
   train.feature_cache_dtype float32 (exact) | bfloat16 (half the memory; features rounded, so
                             results differ slightly from recomputing them)
+  train.categories_together  methods training a head on cached features: the categories whose
+                            states have the same shapes train in one compiled program, each as
+                            its solo run would (adjax/together.py), as many at once as have
+                            their feature caches within feature_cache_device_mb; false: one
+                            after another
   train.checkpoint_every    epochs between checkpoints; an interrupted run resumes from the last
   train.checkpoint_min_seconds  and at least this long between them (the last epoch is always saved):
                             a short run on a fast accelerator would otherwise spend a
@@ -110,7 +115,7 @@ def base() -> ml_collections.ConfigDict:
   c.train = ml_collections.ConfigDict(dict(
       epochs=1, batch_size=8, cache_features=True, feature_cache_device_mb=4096, feature_cache_dtype="float32",
       image_cache_device_mb=4096,
-      checkpoint_every=10, checkpoint_min_seconds=30.0, log_every=10))
+      checkpoint_every=10, checkpoint_min_seconds=30.0, log_every=10, categories_together=True))
   c.eval = ml_collections.ConfigDict(dict(batch_size=16, smoothing_sigma=4.0, pro_fpr_limit=0.3,
                                           num_overlays=8, metric_max_side=1024))
   return c

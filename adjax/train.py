@@ -7,6 +7,7 @@ run-config guard are adjax/checkpoints.py, the training caches adjax/caches.py.
 """
 
 import contextlib
+import dataclasses
 import os
 import time
 
@@ -15,7 +16,18 @@ import numpy as np
 import orbax.checkpoint as ocp
 from absl import logging
 
-from adjax import caches, checkpoints, compile_ahead, configlib, evaluate, io_utils, methods, parallel, progress
+from adjax import (
+  caches,
+  checkpoints,
+  compile_ahead,
+  configlib,
+  evaluate,
+  io_utils,
+  methods,
+  parallel,
+  progress,
+  together,
+)
 from adjax.data import datasets, synthetic, transforms
 from adjax.errors import ConfigError, Interrupted
 
@@ -101,14 +113,19 @@ def method_batch(batch, normalisation, extractor=None, frozen=None, xp=np):
   return batch
 
 
-def make_train_step(method, normalisation, extractor=None):
-  """method.train_step as one jitted function (state, batch, key, t, frozen) -> (state, metrics),
-  state donated. The step's key fold_in(key, t) is derived inside the compiled step, and the
-  images are normalised (and augmented by the method) there: one dispatch per step."""
+def train_step_fn(method, normalisation, extractor=None):
+  """method.train_step as a plain function (state, batch, key, t, frozen) -> (state, metrics):
+  the step's key fold_in(key, t) is derived inside it, and the images are normalised (and
+  augmented by the method) there."""
   def adjax_train_step(state, batch, key, t, frozen):  # the name shows in JAX's compilation logs
     batch = method_batch(batch, normalisation, extractor, frozen, jax.numpy)
     return method.train_step(state, batch, jax.random.fold_in(key, t))
-  return jax.jit(adjax_train_step, donate_argnums=0)
+  return adjax_train_step
+
+
+def make_train_step(method, normalisation, extractor=None):
+  """train_step_fn as one jitted function, state donated: one dispatch per step."""
+  return jax.jit(train_step_fn(method, normalisation, extractor), donate_argnums=0)
 
 
 def make_init(method, normalisation, num_subclasses, extractor=None):
@@ -189,11 +206,11 @@ def _log_subclasses(category, subclass_ids, subclass):
     logging.info("%s: %d training subclasses %s", category, num_subclasses, dict(zip(names, counts.tolist())))
 
 
-def fit_category(config, method, extractor, split, key, workdir, scorer=None):
-  """The trained (and, if the method calibrates, calibrated) state of one category."""
+def _fit_parts(config, method, extractor, split, key, scorer):
+  """What fitting one category needs besides its data: normalisation, subclass ids, the (init,
+  train, assign) keys and `calibrate`."""
   subclass_ids = sorted({r.subclass for r in split.train})  # experts exist for seen subclasses only
-  init_key, train_key, assign_key = jax.random.split(key, 3)
-  normalisation = method.normalisation(extractor)
+  keys = tuple(jax.random.split(key, 3))
 
   def calibrate(state):
     if not method.calibrates:
@@ -203,26 +220,70 @@ def fit_category(config, method, extractor, split, key, workdir, scorer=None):
     return method.calibrate(state, {"scores": scored["scores"], "maps": scored["input_maps"],
                                     "labels": scored["labels"], "images": scored["images"]})
 
+  return method.normalisation(extractor), subclass_ids, keys, calibrate
+
+
+def fit_category(config, method, extractor, split, key, workdir, scorer=None):
+  """The trained (and, if the method calibrates, calibrated) state of one category."""
+  normalisation, subclass_ids, keys, calibrate = _fit_parts(config, method, extractor, split, key, scorer)
   if method.trains:
-    return _train(config, method, extractor, normalisation, split, subclass_ids, (init_key, train_key, assign_key),
-                  workdir, calibrate)
+    return _train(config, method, extractor, normalisation, split, subclass_ids, keys, workdir, calibrate)
   training_set = caches.TrainingSet(config, method, extractor, split.train, subclass_ids, normalisation)
   data = {name: training_set.all_features() if name == "features" else np.asarray(training_set.host.get(
       name, training_set.device.get(name))) for name in method.train_inputs}
-  state = calibrate(method.fit(method_batch(data, normalisation), init_key, len(subclass_ids)))
+  state = calibrate(method.fit(method_batch(data, normalisation), keys[0], len(subclass_ids)))
   checkpoints.save(workdir, split.category, 0, state)  # a re-run replaces it
   return state
 
 
-def _train(config, method, extractor, normalisation, split, subclass_ids, keys, workdir, calibrate):
+def _fit_together(config, method, extractor, splits, keys, workdir, scorer) -> dict:
+  """{category: trained state} of the categories train.categories_together trains in one program
+  (adjax/together.py); the others are left to fit_category. A category with a checkpoint of its
+  own (finished, or a solo run's) is left out: it resumes on its own."""
+  if not together.applies(config, method, len(splits)):
+    return {}
+  candidates = [(s, k) for s, k in zip(splits, keys) if not checkpoints.exists(workdir, s.category)]
+  normalisation = method.normalisation(extractor)
+  step_fn = train_step_fn(method, normalisation, extractor)
+  states = {}
+  for chunk in together.chunks(config, method, extractor, candidates):
+    prepared = []
+    for split, key in chunk:
+      _, subclass_ids, fit_keys, calibrate = _fit_parts(config, method, extractor, split, key, scorer)
+      prepared.append(_prepare(config, method, extractor, normalisation, split, subclass_ids, fit_keys, calibrate))
+    for group in together.groups(prepared):
+      if len(group) == 1:
+        p = group[0]
+        step = make_train_step(method, normalisation, extractor)
+        states[p.category] = train_gradient(config, step, p.training_set, p.state, p.train_key, workdir,
+                                            p.category, p.frozen, p.finish)
+      else:
+        states.update(together.train(config, step_fn, group, workdir))
+  return states
+
+
+@dataclasses.dataclass
+class Prepared:
+  """One category ready for its first training step: its caches, initial (prepared) state, the
+  key of its steps and `finish` (finalize, calibrate), as fit_category builds them."""
+  category: str
+  training_set: caches.TrainingSet
+  state: object
+  train_key: object
+  frozen: object
+  finish: object
+
+
+def _prepare(config, method, extractor, normalisation, split, subclass_ids, keys, calibrate, step=None):
+  """Caches, init and prepare of one category; with `step` (the solo loop's jitted step) the
+  programs are compiled in the background while the caches are built."""
   init_key, train_key, assign_key = keys
   n = len(split.train)
-  step = make_train_step(method, normalisation, extractor)
   source = caches.feature_source(config, method)
   frozen = extractor.variables if source == "step" else None
   precompiling = None
-  if not method.derives_subclasses() and source != "pipeline":  # else the state's shapes depend on the data
-    init_fn = make_init(method, normalisation, len(subclass_ids), extractor)
+  if step is not None and not method.derives_subclasses() and source != "pipeline":
+    init_fn = make_init(method, normalisation, len(subclass_ids), extractor)  # else shapes depend on the data
     precompiling = compile_ahead.start(config, method, extractor, n, init_fn, init_key, step, train_key, frozen)
   training_set = caches.TrainingSet(config, method, extractor, split.train, subclass_ids, normalisation)
   if method.derives_subclasses():
@@ -245,7 +306,13 @@ def _train(config, method, extractor, normalisation, split, subclass_ids, keys, 
   def finish(state):
     return calibrate(method.finalize(state, batches()))
 
-  return train_gradient(config, step, training_set, state, train_key, workdir, split.category, frozen, finish)
+  return Prepared(split.category, training_set, state, train_key, frozen, finish)
+
+
+def _train(config, method, extractor, normalisation, split, subclass_ids, keys, workdir, calibrate):
+  step = make_train_step(method, normalisation, extractor)
+  p = _prepare(config, method, extractor, normalisation, split, subclass_ids, keys, calibrate, step)
+  return train_gradient(config, step, p.training_set, p.state, p.train_key, workdir, p.category, p.frozen, p.finish)
 
 
 def run(config, workdir: str, mode: str) -> dict:
@@ -259,9 +326,15 @@ def run(config, workdir: str, mode: str) -> dict:
   key = jax.random.key(config.seed)
   scorer = evaluate.make_scorer(config, method, extractor)  # one program for every category of the same shapes
   per_category = {}
-  for split in splits:
+  keys = []
+  for _ in splits:
     key, sub = jax.random.split(key)  # split in eval mode too, so keys never depend on the mode
-    if mode == "train":
+    keys.append(sub)
+  trained = _fit_together(config, method, extractor, splits, keys, workdir, scorer) if mode == "train" else {}
+  for split, sub in zip(splits, keys):
+    if split.category in trained:
+      state = trained.pop(split.category)
+    elif mode == "train":
       state = fit_category(config, method, extractor, split, sub, workdir, scorer)
     else:
       state = checkpoints.restore_trained(workdir, split.category, config, method.trains)

@@ -287,10 +287,11 @@ def test_ctrl_c_ends_training_with_one_line(tmp_path, synthetic_root):
   args = ["--config=configs/simplenet.py", f"--config.data.root={synthetic_root}", *SMALL,
           "--config.train.epochs=100000", "--config.train.checkpoint_min_seconds=0", f"--workdir={tmp_path / 'w'}"]
   with open(log, "w") as err:
-    # A shell's background job inherits SIGINT ignored; give the run the default a terminal gives.
+    # A shell's background job inherits SIGINT ignored; give the run the default a terminal gives
+    # (preexec_fn only resets one signal disposition, safe with the test process's threads).
     process = subprocess.Popen([sys.executable, "-m", "adjax.main", *args], cwd=ROOT, stderr=err,
                                stdout=subprocess.DEVNULL,
-                               preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
+                               preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))  # noqa: PLW1509
     deadline = time.monotonic() + 300
     while "epoch 10/" not in log.read_text() and time.monotonic() < deadline and process.poll() is None:
       time.sleep(0.5)  # log_every is 10 epochs: the first checkpoint is written by then

@@ -3,6 +3,10 @@
 ToyAutoencoder: a two-layer convolutional autoencoder trained on the cached uint8 images,
 each step augmenting its batch on the device (random flips and brightness, from the step's
 key); anomaly map = per-pixel squared reconstruction error.
+ToyFeatureHead: a linear head on cached patch features, plain SGD (so float rounding is not
+amplified as Adam amplifies it on near-zero gradients), its loss depending on every row of the
+batch, its size and the step's key: two runs with the same batches and keys give the same
+parameters to float tolerance, and any other batch, order or key shows.
 ToyCalibrated: statistics only (the training images' mean); after fitting it calibrates on
 the held-out labelled split (an image-score offset and scale) and records what it saw.
 """
@@ -66,6 +70,34 @@ class ToyAutoencoder(base.Method):
     return maps.max(axis=(1, 2)), maps
 
 
+def _unit(features):
+  """Each location's feature vector scaled to unit length: the head's step size then suits any backbone."""
+  return features / (jnp.linalg.norm(features, axis=-1, keepdims=True) + 1e-6)
+
+
+class ToyFeatureHead(base.Method):
+  train_inputs = ("features",)
+  score_inputs = ("features",)
+
+  def init(self, sample, key, num_subclasses=1):
+    c = sample["features"].shape[-1]
+    return {"w": 0.01 * jax.random.normal(key, (c,)), "b": jnp.zeros(()), "step": jnp.zeros((), jnp.int32)}
+
+  def train_step(self, state, batch, key):
+    x = _unit(batch["features"])
+    target = jax.random.normal(key, x.shape[:1] + (1, 1))
+
+    def loss_fn(w, b):
+      return jnp.mean((x @ w + b - target) ** 2)
+
+    loss, (gw, gb) = jax.value_and_grad(loss_fn, argnums=(0, 1))(state["w"], state["b"])
+    return {"w": state["w"] - 0.1 * gw, "b": state["b"] - 0.1 * gb, "step": state["step"] + 1}, {"loss": loss}
+
+  def score(self, state, inputs, image_shape):
+    maps = jnp.abs(_unit(inputs["features"]) @ state["w"] + state["b"])
+    return maps.max(axis=(1, 2)), maps
+
+
 class ToyCalibrated(base.Method):
   train_inputs = ("images",)
   score_inputs = ("images",)
@@ -93,6 +125,7 @@ class ToyCalibrated(base.Method):
 def register():
   methods.register("toy_autoencoder", ToyAutoencoder)
   methods.register("toy_calibrated", ToyCalibrated)
+  methods.register("toy_feature_head", ToyFeatureHead)
 
 
 def config(name, category="wood", size=32, epochs=3):
