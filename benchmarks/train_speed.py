@@ -1,6 +1,7 @@
 r"""SimpleNet training and inference speed: adjax vs a plain PyTorch loop, same shapes, same run.
 
   python benchmarks/train_speed.py [--resize 329 --crop 288] [--measure-epochs 1] [--protocol-epochs 160]
+      [--official path/to/DonaldRR/SimpleNet]
 
 The official protocol on MVTec AD bottle: 209 training images, WideResNet50 layer2+3
 (random weights: timing does not depend on them), 1536-d patch features, batch 8, 160
@@ -9,7 +10,10 @@ epochs. PyTorch, as the reference code does, recomputes the frozen backbone ever
 runs its real training path, train.fit_category: it decodes the images through the grain
 pipeline, caches the backbone features once (train.cache_features) and trains the head
 from the cache with checkpoints. The PyTorch loop starts from decoded, resized images in
-memory (decoding excluded, which favours it: its reference re-decodes every epoch).
+memory (decoding excluded, which favours it: its reference re-decodes every epoch). Its patch
+features follow the official code's operations in their order (PatchMaker, _embed); with
+--official it checks that the official implementation gives the same features and times one
+step of each, so the reference is shown to be no slower than the code it stands for.
 
 PyTorch is timed for --measure-epochs epochs after a warm-up step and extrapolated
 linearly to --protocol-epochs (its cost per epoch is constant). adjax runs the whole
@@ -25,6 +29,7 @@ ADJAX_COMPILATION_CACHE=0 turns the cache off.
 """
 
 import argparse
+import copy
 import dataclasses
 import os
 import sys
@@ -57,6 +62,9 @@ class TorchSimpleNet(torch.nn.Module):
 
   @torch.no_grad()
   def features(self, x):
+    """The official PatchMaker + _embed operations, in their order: 3x3 patches of each layer,
+    only the deeper layers' patch grids resized to the first's (as (N*C*9, 1, h, w) maps), each
+    patch's C*9 values average-pooled to `dim`, the layers' stacked and pooled again."""
     b = self.backbone
     x = b.maxpool(b.relu(b.bn1(b.conv1(x))))
     l2 = b.layer2(b.layer1(x))
@@ -64,11 +72,13 @@ class TorchSimpleNet(torch.nn.Module):
     unfold = torch.nn.Unfold(3, padding=1)
     h, w = maps[0].shape[-2:]
     pooled = []
-    for m in maps:
-      n, c = m.shape[:2]
-      patches = unfold(m).reshape(n, c * 9, *m.shape[-2:])
-      patches = F.interpolate(patches, size=(h, w), mode="bilinear", align_corners=False)
-      patches = patches.permute(0, 2, 3, 1).reshape(-1, 1, c * 9)
+    for i, m in enumerate(maps):
+      n, c, mh, mw = m.shape
+      patches = unfold(m).reshape(n, c, 3, 3, mh, mw)
+      if i > 0:  # (n, c, 3, 3, mh, mw) -> one bilinear resize of N*C*9 single-channel maps
+        patches = F.interpolate(patches.reshape(-1, 1, mh, mw), size=(h, w), mode="bilinear",
+                                align_corners=False).reshape(n, c, 3, 3, h, w)
+      patches = patches.permute(0, 4, 5, 1, 2, 3).reshape(-1, 1, c * 9)
       pooled.append(F.adaptive_avg_pool1d(patches, self.dim))
     stacked = torch.cat(pooled, dim=-1)
     return F.adaptive_avg_pool1d(stacked, self.dim).reshape(-1, self.dim), (h, w)
@@ -91,6 +101,45 @@ def torch_epoch(model, images, batch, proj_opt, dsc_opt, noise_std=0.015, th=0.5
     dsc_opt.step()
 
 
+def official_step_check(path, model, images, batch, device, repeats=3):
+  """The official implementation (a checkout of DonaldRR/SimpleNet at `path`) on the same
+  backbone weights and batch: its `_embed` must give this loop's features, and its own
+  `_train_discriminator` step is timed against `torch_epoch`'s (best of `repeats`). Its
+  TensorBoard, plotting and metrics imports are stubbed: they do not run in a step."""
+  import types
+  writer = types.ModuleType("torch.utils.tensorboard")
+  writer.SummaryWriter = type("SummaryWriter", (), {"__init__": lambda self, *a, **k: None,
+                                                   "add_scalar": lambda self, *a, **k: None})
+  plots = types.ModuleType("utils")
+  plots.plot_segmentation_images = None
+  sys.modules.update({"torch.utils.tensorboard": writer, "utils": plots, "metrics": types.ModuleType("metrics")})
+  sys.path.insert(0, path)
+  import simplenet as official  # noqa: PLC0415 - the checkout's module, found through sys.path
+  x = images[:batch]
+  net = official.SimpleNet(device)
+  net.load(copy.deepcopy(model.backbone), ["layer2", "layer3"], device, tuple(x.shape[1:]), 1536, 1536, patchsize=3,
+           meta_epochs=1, gan_epochs=1, noise_std=0.015, dsc_layers=2, dsc_hidden=1024, dsc_margin=0.5, pre_proj=1)
+  net.set_model_dir(tempfile.mkdtemp(), "bottle")
+  with torch.no_grad():
+    difference = float((net._embed(x, evaluation=True)[0] - model.features(x)[0]).abs().max())
+  proj_opt = torch.optim.AdamW(model.adaptor.parameters(), 1e-4)
+  dsc_opt = torch.optim.Adam(model.discriminator.parameters(), 2e-4, weight_decay=1e-5)
+
+  def best(step):
+    step()
+    times = []
+    for _ in range(repeats):
+      start = time.perf_counter()
+      step()
+      times.append(time.perf_counter() - start)
+    return min(times)
+  official_s = best(lambda: net._train_discriminator([{"image": x}]))
+  ours_s = best(lambda: torch_epoch(model, x, batch, proj_opt, dsc_opt))
+  print(f"official SimpleNet ({path}): features differ by {difference:.2g} at most; one training step of batch "
+        f"{batch}: official {official_s:.2f} s, this benchmark's loop {ours_s:.2f} s "
+        f"(official / ours {official_s / ours_s:.2f}x)")
+
+
 @torch.no_grad()
 def torch_infer(model, images, crop):
   model.discriminator.eval()
@@ -110,6 +159,8 @@ def main():
   parser.add_argument("--images", type=int, default=0, help="use only the first N training images (0: all)")
   parser.add_argument("--measure-epochs", type=int, default=1)
   parser.add_argument("--protocol-epochs", type=int, default=160)
+  parser.add_argument("--official", default="", help="a checkout of DonaldRR/SimpleNet: time its own training "
+                      "step against this benchmark's PyTorch loop, same batch and weights, first")
   parser.add_argument("--adjax-epochs", type=int, default=0,
                       help="epochs adjax really runs (0: the whole protocol on an accelerator, 3 on CPU)")
   args = parser.parse_args()
@@ -137,6 +188,10 @@ def main():
   n, steps = len(images), -(-len(images) // args.batch)
   print(f"{n} images {args.crop}x{args.crop}, batch {args.batch}, {steps} steps/epoch; jax {jax.__version__} "
         f"({jax.default_backend()}), torch {torch.__version__} on {device} ({torch.get_num_threads()} threads)")
+
+  if args.official:
+    timages = torch.from_numpy(images[: args.batch].transpose(0, 3, 1, 2).copy()).to(device)
+    official_step_check(args.official, TorchSimpleNet().to(device), timages, args.batch, device)
 
   # adjax: the real training path (train.fit_category: feature cache, init, jitted data-parallel
   # steps, Orbax checkpoints), timed end to end. Epoch boundaries are timestamped so that a
