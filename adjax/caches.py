@@ -23,33 +23,39 @@ from adjax.data import pipeline
 
 
 def compute_features(config, extractor, records, desc, mean, std, subclass_ids=()):
-  """Features of `records`, in order, as host arrays (one array, or a pytree of arrays)."""
+  """Features of `records`, in order, as host arrays (one array, or a pytree of arrays). In a
+  multi-process run each process decodes and extracts its share (parallel.record_shard) and
+  the shares are gathered."""
+  index, count = parallel.record_shard(len(records))
   dataset = pipeline.make_dataset(
       records, image_size=config.data.image_size, crop_size=config.data.crop_size, mean=mean, std=std,
       batch_size=config.train.batch_size, worker_count=config.data.workers, subclass_ids=subclass_ids,
-      shard_index=0, shard_count=1, resize=config.data.resize)
+      shard_index=index, shard_count=count, resize=config.data.resize)
   chunks = []
-  with progress.bar(len(records), desc) as bar:
+  with progress.bar(len(range(index, len(records), count)), desc) as bar:
     for batch in dataset:
-      count = len(batch["index"])
+      n = len(batch["index"])
       features = extractor(pipeline.pad_batch(batch["image"], config.train.batch_size))
-      chunks.append(jax.tree.map(lambda a: np.asarray(a)[:count], features))  # host slice: no extra program
-      bar.update(count)
-  return jax.tree.map(lambda *parts: np.concatenate(parts), *chunks)
+      chunks.append(jax.tree.map(lambda a: np.asarray(a)[:n], features))  # host slice: no extra program
+      bar.update(n)
+  return parallel.gather_shards(jax.tree.map(lambda *parts: np.concatenate(parts), *chunks), len(records),
+                                "training images' features")
 
 
 def decode_images(config, records, desc) -> np.ndarray:
-  """The uint8 pixels (N, S, S, 3) of `records` after the pipeline's resize and crop."""
+  """The uint8 pixels (N, S, S, 3) of `records` after the pipeline's resize and crop, each
+  process decoding its share in a multi-process run."""
+  index, count = parallel.record_shard(len(records))
   dataset = pipeline.make_dataset(
       records, image_size=config.data.image_size, crop_size=config.data.crop_size, mean=None, std=None,
-      batch_size=config.train.batch_size, worker_count=config.data.workers, shard_index=0, shard_count=1,
+      batch_size=config.train.batch_size, worker_count=config.data.workers, shard_index=index, shard_count=count,
       resize=config.data.resize)
   chunks = []
-  with progress.bar(len(records), desc) as bar:
+  with progress.bar(len(range(index, len(records), count)), desc) as bar:
     for batch in dataset:
       chunks.append(np.asarray(batch["image"]))
       bar.update(len(chunks[-1]))
-  return np.concatenate(chunks)
+  return parallel.gather_shards(np.concatenate(chunks), len(records), "decoded training images")
 
 
 def nbytes(tree) -> int:

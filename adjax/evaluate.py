@@ -9,7 +9,7 @@ import numpy as np
 from absl import logging
 from PIL import Image
 
-from adjax import io_utils, metrics, progress
+from adjax import io_utils, metrics, parallel, progress
 from adjax.data import pipeline, transforms
 
 
@@ -74,14 +74,16 @@ def score_dataset(config, method, state, extractor, records, desc, scorer=None):
   cover the centre crop only. `scorer`: make_scorer's program, shared across calls (categories)
   so that it compiles once."""
   mean, std = method.normalisation(extractor)
+  index, count = parallel.record_shard(len(records))  # a multi-process run: each process scores its share
   dataset = pipeline.make_dataset(
       records, image_size=config.data.image_size, crop_size=config.data.crop_size, mean=mean,
       std=std, batch_size=config.eval.batch_size, worker_count=config.data.workers,
-      shard_index=0, shard_count=1, resize=config.data.resize)
+      shard_index=index, shard_count=count, resize=config.data.resize)
   score_batch = scorer or make_scorer(config, method, extractor)
   variables = None if extractor is None else extractor.variables
+  state = parallel.local_copy(state) if count > 1 else state  # its share alone, on its own device
   scores, maps, masks, labels, images, sizes, diagnostics = [], [], [], [], [], [], []
-  with progress.bar(len(records), desc) as bar:
+  with progress.bar(len(range(index, len(records), count)), desc) as bar:
     for batch in dataset:
       count = len(batch["label"])
       s, m, d = score_batch(state, variables, pipeline.pad_batch(batch["image"], config.eval.batch_size))
@@ -94,10 +96,11 @@ def score_dataset(config, method, state, extractor, records, desc, scorer=None):
       sizes.append(batch["size"])
       bar.update(len(batch["label"]))
   names = diagnostics[0] if diagnostics else {}
-  scored = {"scores": np.concatenate(scores), "input_maps": np.concatenate(maps),
-            "input_masks": np.concatenate(masks), "labels": np.concatenate(labels),
-            "images": np.concatenate(images), "sizes": np.concatenate(sizes),
-            "diagnostics": {k: np.concatenate([d[k] for d in diagnostics]) for k in names}}
+  scored = parallel.gather_shards(
+      {"scores": np.concatenate(scores), "input_maps": np.concatenate(maps),
+       "input_masks": np.concatenate(masks), "labels": np.concatenate(labels),
+       "images": np.concatenate(images), "sizes": np.concatenate(sizes),
+       "diagnostics": {k: np.concatenate([d[k] for d in diagnostics]) for k in names}}, len(records), "scored images")
   scored["maps"], scored["masks"] = scored["input_maps"], scored["input_masks"]
   if config.data.resize in transforms.WHOLE_IMAGE:
     scored["maps"], scored["masks"] = [], []

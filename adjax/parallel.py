@@ -49,6 +49,42 @@ def is_main_process() -> bool:
   return jax.process_index() == 0
 
 
+def record_shard(n: int) -> tuple:
+  """(index, count) of this process's share of n records, records index, index + count, ...:
+  every process its own when there are at least as many records as processes, else (0, 1)."""
+  count = jax.process_count()
+  return (jax.process_index(), count) if 1 < count <= n else (0, 1)
+
+
+def gather_shards(tree, n: int, what: str = "records"):
+  """Arrays of this process's record_shard(n) (a pytree, leading axis the shard's records) ->
+  the arrays of all n records in record order, the same on every process. A no-op for one
+  process; every process must call it (a collective), with the same tree structure."""
+  index, count = record_shard(n)
+  if count == 1:
+    return tree
+  from jax.experimental import multihost_utils
+  rows = -(-n // count)  # the largest shard: shards are padded to it for the all-gather
+
+  def gather(a):
+    a = np.asarray(a)
+    a = np.concatenate([a, np.zeros((rows - len(a),) + a.shape[1:], a.dtype)]) if len(a) < rows else a
+    gathered = np.asarray(multihost_utils.process_allgather(a))  # (processes, rows, ...)
+    return gathered.swapaxes(0, 1).reshape((count * rows,) + a.shape[1:])[:n]  # record r: process r % count
+  logging.info("This process (%d of %d) computed %d of %d %s; the rest came from the others", index + 1, count,
+               len(range(index, n, count)), n, what)
+  return jax.tree.map(gather, tree)
+
+
+def local_copy(tree):
+  """Arrays that span processes as copies on this process's first device (arrays already
+  local, and anything else, unchanged): a process then computes on its own share of the data
+  alone, without the others."""
+  device = jax.local_devices()[0]
+  return jax.tree.map(lambda a: jax.device_put(np.asarray(a), device)
+                      if isinstance(a, jax.Array) and not a.is_fully_addressable else a, tree)
+
+
 def data_mesh(devices=None) -> Mesh:
   devices = jax.devices() if devices is None else devices
   return Mesh(np.asarray(devices), ("data",))

@@ -224,8 +224,10 @@ def test_gradient_method_trains_resumes_and_evaluates(config, tmp_path_factory, 
 
 def test_two_process_run_reports_once_and_evaluates_on_one_device(tmp_path):
   """Two local processes x 2 CPU devices through jax.distributed, as on two hosts: both
-  read (generating it if no earlier test did) the built-in data and train data-parallel; the
-  4-device checkpoint is then evaluated by a single one-device process to the same metrics."""
+  read (generating it if no earlier test did) the built-in data, each caches the features of
+  its half of the training images and scores half of the test images, and they train
+  data-parallel; the 4-device checkpoint is then evaluated by a single one-device process to
+  the same metrics, so the split scoring is the one-process scoring."""
   workdir = tmp_path / "run"
   args = ["--config=configs/simplenet.py", *SMALL, "--config.train.epochs=1", f"--workdir={workdir}"]
   with socket.socket() as s:
@@ -240,6 +242,9 @@ def test_two_process_run_reports_once_and_evaluates_on_one_device(tmp_path):
   for process, (_, err) in zip(running, outputs):
     assert process.returncode == 0, err[-3000:]
   assert "process 1 of 2, 2 local / 4 global devices" in outputs[1][1]
+  for index, (_, err) in enumerate(outputs):  # each computed its share of the features and of the scores
+    assert f"This process ({index + 1} of 2) computed" in err and "training images' features" in err
+    assert f"This process ({index + 1} of 2) computed 35 of 70 scored images" in err
   trained = json.load(open(workdir / "metrics.json"))["metrics"]["wood"]
   result = run_cli(*args, "--mode=eval")
   assert result.returncode == 0, result.stderr[-3000:]

@@ -333,3 +333,56 @@ def test_bfloat16_feature_cache_yields_rounded_float32_batches(synthetic_root):
   config.train.feature_cache_dtype = "float16"
   with pytest.raises(ConfigError, match="train.feature_cache_dtype"):
     configlib.validate(config)
+
+
+_SHARES_SCRIPT = textwrap.dedent("""
+    import json, sys
+    import jax, numpy as np
+    jax.distributed.initialize({address!r}, num_processes=2, process_id=int(sys.argv[1]))
+    from adjax import caches
+    from adjax.data import datasets, transforms
+    from configs import simplenet as simplenet_config
+    from adjax.methods import simplenet
+    decoded = []
+    load_image = transforms.load_image
+    transforms.load_image = lambda path, *a, **k: decoded.append(path) or load_image(path, *a, **k)
+    config = simplenet_config.get_config("")
+    config.data.image_size = config.data.crop_size = 64
+    method = simplenet.SimpleNet(config)
+    extractor = method.make_extractor()
+    records = datasets.read_split("synthetic", {root!r}, "wood").train[:11]
+    features = caches.compute_features(config, extractor, records, "features", *method.normalisation(extractor))
+    images = caches.decode_images(config, records, "images")
+    if jax.process_index() == 0:
+      np.savez({out!r}, features=features, images=images)
+    print(json.dumps(sorted(decoded)))
+""")
+
+
+def test_two_processes_each_decode_their_share_and_gather_every_record_in_order(tmp_path, synthetic_root):
+  """parallel.record_shard / gather_shards: of 11 training images each of two jax.distributed
+  processes decodes its own 6 or 5 (twice: features, then pixels), and both end with every
+  record's features and pixels in record order, as one process computes them."""
+  out = tmp_path / "gathered.npz"
+  script = _SHARES_SCRIPT.format(address=f"localhost:{_free_port()}", root=synthetic_root, out=str(out))
+  env = {**os.environ, "PYTHONPATH": ROOT}
+  running = [subprocess.Popen([sys.executable, "-c", script, str(i)], env=env, cwd=ROOT, stdout=subprocess.PIPE,
+                              stderr=subprocess.PIPE, text=True) for i in range(2)]
+  decoded = []
+  for process in running:
+    stdout, stderr = process.communicate(timeout=600)
+    assert process.returncode == 0, stderr[-3000:]
+    decoded.append(json.loads(stdout.strip().splitlines()[-1]))
+  from adjax.data import datasets
+  records = datasets.read_split("synthetic", synthetic_root, "wood").train[:11]
+  paths = [r.path for r in records]
+  for index, seen in enumerate(decoded):  # process i: records i, i + 2, ..., each decoded once per pass
+    assert seen == sorted(paths[index::2] * 2)
+  config = simplenet_config.get_config("")
+  config.data.image_size = config.data.crop_size = 64
+  method = simplenet.SimpleNet(config)
+  extractor = method.make_extractor()
+  gathered = np.load(out)
+  one = caches.compute_features(config, extractor, records, "features", *method.normalisation(extractor))
+  np.testing.assert_allclose(gathered["features"], one, rtol=1e-5, atol=1e-5)
+  np.testing.assert_array_equal(gathered["images"], caches.decode_images(config, records, "images"))
