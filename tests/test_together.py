@@ -24,7 +24,7 @@ CATEGORIES = ("cloth", "wood", "metal")
 toy_methods.register()
 
 
-def _config(root, name="toy_feature_head", categories_together=True, epochs=3):
+def _config(root, name="toy_feature_head", categories_together=True, epochs=2):
   config = simplenet.get_config("")  # its Lite0 patch features, cached
   config.model.name = name
   config.data.root = root
@@ -57,7 +57,7 @@ def test_together_equals_one_after_another_and_resumes(tmp_path, synthetic_root,
   solo = train.run(_config(synthetic_root, categories_together=False), str(tmp_path / "solo"), "train")
   assert not os.path.exists(tmp_path / "solo" / "checkpoints" / "together_cloth+wood+metal")
 
-  # Interrupted at global step 15 of 33 (rounds of 11 steps: checkpoints after steps 10, 21, 32).
+  # Interrupted at global step 15 of 22 (rounds of 11 steps: checkpoints after steps 10 and 21).
   make_step, sizes = together.make_step, []
 
   def interrupting(step_fn, mesh, batch_size):
@@ -78,7 +78,7 @@ def test_together_equals_one_after_another_and_resumes(tmp_path, synthetic_root,
   resumed = train.run(_config(synthetic_root), str(tmp_path / "together"), "train")
 
   states = _states(tmp_path / "together")
-  assert {int(s["step"]) for s in states.values()} == {27, 33, 30}  # each category's own 3 epochs
+  assert sorted(int(s["step"]) for s in states.values()) == [18, 20, 22]  # each category's own 2 epochs
   _assert_same(states, _states(tmp_path / "solo"))
   for category in CATEGORIES:
     for key in ("image_auroc", "pixel_auroc", "aupro"):
@@ -91,7 +91,7 @@ _DEVICES_SCRIPT = textwrap.dedent("""
     import jax
     import test_together
     from adjax import train
-    config = test_together._config({root!r}, epochs=2)
+    config = test_together._config({root!r})
     report = train.run(config, {workdir!r}, "train")
     auroc = [report[c]["image_auroc"] for c in test_together.CATEGORIES]
     print(json.dumps({{"devices": jax.device_count(), "auroc": auroc}}))
