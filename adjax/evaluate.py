@@ -9,8 +9,9 @@ import numpy as np
 from absl import logging
 from PIL import Image
 
-from adjax import io_utils, metrics, parallel, progress
+from adjax import io_utils, linear_svm, metrics, parallel, progress
 from adjax.data import pipeline, transforms
+from adjax.errors import ConfigError
 
 
 def gaussian_kernel1d(sigma: float, truncate: float = 4.0) -> np.ndarray:
@@ -157,10 +158,27 @@ def category_metrics(split, scored, config) -> dict:
 ALTERNATIVE_SCORE = "image_score_"  # a diagnostic so named is another image score (B, 1), reported by its AUROC
 
 
-def log_diagnostics(category, diagnostics, labels) -> dict:
+def log_diagnostics(category, diagnostics, labels, config=None) -> dict:
   """The method's per-image diagnostic vectors summed over the test set, logged one line each;
-  those named image_score_<name> are alternative image scores: their image AUROC instead."""
+  those named image_score_<name> are alternative image scores: their image AUROC instead.
+  eval.paper_kfold_svm (a comma list of such names; '' off) adds the image AUROC of a linear
+  SVM on them fitted on the test labels by eval.paper_kfold_folds-fold cross-validation,
+  out-of-fold scores only: a paper's protocol, reported under its own key, never the model's."""
   report = {}
+  names = [n.strip() for n in (config.eval.get("paper_kfold_svm", "") if config else "").split(",") if n.strip()]
+  if names:
+    missing = [n for n in names if ALTERNATIVE_SCORE + n not in diagnostics]
+    if missing:
+      reported = sorted(k[len(ALTERNATIVE_SCORE):] for k in diagnostics if k.startswith(ALTERNATIVE_SCORE))
+      raise ConfigError(f"eval.paper_kfold_svm names {missing}, which the method does not report; it reports "
+                        f"{reported}.")
+    x = np.concatenate([np.asarray(diagnostics[ALTERNATIVE_SCORE + n])[:, :1] for n in names], axis=1)
+    scores = linear_svm.out_of_fold_scores(x, np.asarray(labels), config.eval.paper_kfold_folds, config.seed)
+    value = None if scores is None else metrics.auroc(labels, scores)
+    report["image_auroc_paper_kfold_svm"] = value
+    logging.info("%s: image AUROC of a linear SVM on (%s) fitted on the TEST labels, %d-fold, out-of-fold scores "
+                 "(the paper's protocol, not adjax's model): %s", category, ", ".join(names),
+                 config.eval.paper_kfold_folds, "undefined" if value is None else f"{100 * value:.2f}")
   for name, values in diagnostics.items():
     values = np.asarray(values)
     if name.startswith(ALTERNATIVE_SCORE):

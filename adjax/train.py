@@ -352,7 +352,7 @@ def run(config, workdir: str, mode: str) -> dict:
       per_category[split.category]["decision"] = evaluate.decision_report(split.category, decision, scored)
     if scored["diagnostics"]:
       per_category[split.category]["diagnostics"] = evaluate.log_diagnostics(split.category, scored["diagnostics"],
-                                                                                 scored["labels"])
+                                                                                 scored["labels"], config)
     if parallel.is_main_process():
       evaluate.write_overlays(os.path.join(workdir, "overlays", split.category), split, scored,
                               method.normalisation(extractor), config.eval.num_overlays, decision)

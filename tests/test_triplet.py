@@ -9,6 +9,7 @@ import pytest
 
 from adjax import methods, train
 from adjax.data import augment, datasets
+from adjax.errors import ConfigError
 from adjax.methods import triplet
 from configs import triplet as triplet_config
 
@@ -250,3 +251,40 @@ def test_triplet_training_killed_and_resumed_ends_with_the_uninterrupted_state(t
   assert straight.keys() == resumed.keys()
   for name in straight:
     np.testing.assert_array_equal(straight[name], resumed[name], err_msg=name)
+
+
+def test_paper_kfold_svm_scores_each_test_image_with_a_model_that_never_saw_it(monkeypatch):
+  """svm=paper (Sec. III-E fits on the labelled test set): 5-fold, stratified, seeded; every
+  reported score is out-of-fold; reported under its own key, and only for names the method has."""
+  from adjax import evaluate
+  from adjax import linear_svm as svm_module
+  rng = np.random.default_rng(0)
+  labels = np.array([0] * 30 + [1] * 12)
+  x = np.concatenate([rng.normal(0, 1, (30, 2)), rng.normal(3, 1, (12, 2))])
+  fitted = []
+  fit = svm_module.linear_svm
+
+  def recording(a, b):
+    w, bias = fit(a, b)
+    fitted.append(({tuple(r) for r in a}, w, bias))
+    return w, bias
+  monkeypatch.setattr(svm_module, "linear_svm", recording)
+  scores = svm_module.out_of_fold_scores(x, labels, 5, seed=0)
+  assert len(fitted) == 5
+  for row, score in zip(x, scores):  # left out of exactly one of the five fits, and scored by that one
+    outside = [(w, bias) for rows, w, bias in fitted if tuple(row) not in rows]
+    assert len(outside) == 1 and score == pytest.approx(row @ outside[0][0] + outside[0][1])
+  np.testing.assert_array_equal(scores, svm_module.out_of_fold_scores(x, labels, 5, seed=0))
+  assert svm_module.out_of_fold_scores(x[:31], labels[:31], 5, seed=0) is None  # one anomalous image
+  config = triplet_config.get_config("mvtec_ad,svm=paper")
+  assert config.eval.paper_kfold_svm == "mean_distance,max_distance"
+  assert triplet_config.get_config("").eval.paper_kfold_svm == ""
+  diagnostics = {"image_score_mean_distance": x[:, :1], "image_score_max_distance": x[:, 1:]}
+  report = evaluate.log_diagnostics("bottle", diagnostics, labels, config)
+  assert report["image_auroc_paper_kfold_svm"] > 0.95  # well separated classes
+  assert set(report) == {"image_auroc_paper_kfold_svm", "image_auroc_by_mean_distance", "image_auroc_by_max_distance"}
+  from configs import simplenet as simplenet_config
+  other = simplenet_config.get_config("")
+  other.eval.paper_kfold_svm = "mean_distance"
+  with pytest.raises(ConfigError, match="paper_kfold_svm"):
+    methods.build(other)

@@ -14,6 +14,8 @@ Inputs, declared by class attributes:
   cache_features  whether 'features' may be computed once and reused every epoch: true
                   unless a random augmentation comes before the extractor
   trains          True: gradient training by `train_step`; False: statistics only (`fit`)
+  alternative_scores  the names of the image_score_<name> diagnostics it reports, which
+                  eval.paper_kfold_svm may fit a k-fold SVM on (evaluate.log_diagnostics)
   calibrates      True: `calibrate` runs after training on a split of data.calibration_fraction
                   held out of the test images (calibration_source 'test': labelled, never scored
                   as test) or of the normal training images ('normals': never trained on, no
@@ -66,6 +68,7 @@ class Method:
   trains: bool = True
   calibrates: bool = False
   calibration_source: str = "test"
+  alternative_scores: tuple = ()  # the <name>s of its image_score_<name> diagnostics (eval.paper_kfold_svm)
 
   def __init__(self, config):
     self.check_config(config)
@@ -74,12 +77,24 @@ class Method:
   @classmethod
   def check_config(cls, config) -> None:
     """Raises ConfigError naming the key for values the method cannot use."""
+    cls.check_alternative_scores(config)
     if cls.calibrates and not config.data.get("calibration_fraction", 0.0) > 0:
       held = ("normal training images out of training" if cls.calibration_source == "normals"
               else "test images out of the evaluation")
       raise ConfigError(f"model.name={config.model.name} fits a calibration after training and needs held-out "
                         f"images: set data.calibration_fraction (e.g. 0.2) to hold that share of each category's "
                         f"{held}.")
+
+  @classmethod
+  def check_alternative_scores(cls, config) -> None:
+    """eval.paper_kfold_svm must name some of the method's alternative_scores, with 2 folds or more."""
+    wanted = [n.strip() for n in config.get("eval", {}).get("paper_kfold_svm", "").split(",") if n.strip()]
+    folds = config.get("eval", {}).get("paper_kfold_folds", 5)
+    if wanted and (set(wanted) - set(cls.alternative_scores) or folds < 2):
+      raise ConfigError(f"eval.paper_kfold_svm={','.join(wanted)!r} with eval.paper_kfold_folds={folds}: "
+                        f"model.name={config.model.name} reports "
+                        f"{list(cls.alternative_scores) or 'no other image scores'}; name some of them, and 2 folds "
+                        "or more.")
 
   def make_extractor(self) -> object | None:
     """SimpleNet-style patch features of `config.model` (adjax/backbones/patch_features.py)."""

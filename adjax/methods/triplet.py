@@ -49,6 +49,7 @@ from absl import logging
 
 from adjax.data import augment
 from adjax.errors import ConfigError
+from adjax.linear_svm import linear_svm
 from adjax.methods import base
 
 IMAGE_SCORES = ("svm", "mean", "max")
@@ -120,9 +121,11 @@ class Triplet(base.Method):
   score_inputs = ("images",)
   calibrates = True
   calibration_source = "normals"
+  alternative_scores = ("mean_distance", "max_distance")  # diagnostics' image_score_<name>
 
   @classmethod
   def check_config(cls, config):
+    cls.check_alternative_scores(config)
     if config.model.image_score not in IMAGE_SCORES:
       raise ConfigError(f"model.image_score must be one of {', '.join(IMAGE_SCORES)}, not "
                         f"'{config.model.image_score}'.")
@@ -273,36 +276,3 @@ class Triplet(base.Method):
                  "(training accuracy %.3f)", len(images), len(y) - len(images), w[0], w[1], b, accuracy)
     return {**state, "svm": jnp.asarray([w[0], w[1], b], jnp.float32)}
 
-
-def linear_svm(x, y):
-  """A linear SVM's (w, b) for points x (N, d) of classes y in {0, 1}, at the hard-margin end of
-  Sec. III-E's C = 1e8: among the separators with the least total hinge loss (each class's
-  weighted by N / (2 * its count), so the number of erased copies per image does not tilt it),
-  the one of widest margin. Two exact steps instead of libsvm, which stops at
-  its iteration limit with a wrong sign when a huge C meets classes that overlap: a linear
-  programme for the least hinge loss H, then a quadratic programme for the smallest ||w|| whose
-  hinge loss stays at H."""
-  from scipy import optimize
-  mean, std = x.mean(axis=0), max(float(x.std()), 1e-12)  # one shift and one scale for all features:
-  z = (x - mean) / std                                       # the widest margin is invariant to them
-  n, d = z.shape
-  sign = np.where(y == 1, 1.0, -1.0)
-  weight = np.where(y == 1, n / (2.0 * max(1, (y == 1).sum())), n / (2.0 * max(1, (y == 0).sum())))
-  # Variables [w (d), b, xi (n)]; constraints sign_i (w . z_i + b) + xi_i >= 1, xi >= 0.
-  margin = np.hstack([sign[:, None] * z, sign[:, None], np.eye(n)])
-  bounds = [(None, None)] * (d + 1) + [(0, None)] * n
-  lp = optimize.linprog(np.concatenate([np.zeros(d + 1), weight]), A_ub=-margin, b_ub=-np.ones(n), bounds=bounds,
-                        method="highs")
-  if lp.status != 0:
-    raise RuntimeError(f"the SVM's linear programme failed: {lp.message}")
-  hinge = lp.fun
-  tolerance = 1e-7 * max(1.0, hinge)
-  constraints = [{"type": "ineq", "fun": lambda v: margin @ v - 1.0, "jac": lambda v: margin},
-                 {"type": "ineq", "fun": lambda v: hinge + tolerance - weight @ v[d + 1:],
-                  "jac": lambda v: np.concatenate([np.zeros(d + 1), -weight])}]
-  qp = optimize.minimize(lambda v: 0.5 * v[:d] @ v[:d], lp.x,
-                         jac=lambda v: np.concatenate([v[:d], np.zeros(n + 1)]), bounds=bounds,
-                         constraints=constraints, method="SLSQP", options={"maxiter": 500})
-  v = qp.x if qp.success else lp.x  # the least-hinge separator is the answer up to the margin's tie-break
-  w = v[:d] / std
-  return w, float(v[d] - np.sum(v[:d] * mean / std))
