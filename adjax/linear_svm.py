@@ -1,5 +1,5 @@
-"""Linear SVMs on a few per-image statistics (the triplet net's (mean, max) of its distance map):
-the hard-margin-end fit, and the out-of-fold scores of the paper's k-fold protocol."""
+"""Linear SVMs on a few per-image statistics (e.g. an anomaly map's mean and max): the fit at the
+hard-margin end of a huge C, and out-of-fold scores of a k-fold protocol."""
 
 import numpy as np
 

@@ -1,9 +1,17 @@
 import os
+import tempfile
 
 import pytest
 
 # Tests never reach the network and never touch the user's caches.
 os.environ.setdefault("ADJAX_OFFLINE", "1")
+
+# One persistent compilation cache for a test run, shared by its xdist workers and the processes
+# they start (the same programs, e.g. a backbone at 64x64 or FEGAN's init, compile once, not in
+# every test); a fresh folder per run, so no run reuses another's programs. Tests that study
+# cold starts set JAX_COMPILATION_CACHE_DIR for their own subprocesses.
+_RUN = os.environ.get("PYTEST_XDIST_TESTRUNUID") or f"pid{os.getpid()}"
+os.environ.setdefault("JAX_COMPILATION_CACHE_DIR", os.path.join(tempfile.gettempdir(), f"adjax-test-xla-{_RUN}"))
 
 SHARED = os.path.abspath(os.path.join(os.path.dirname(__file__), "..", "..", "shared"))
 BOTTLE = os.path.join(SHARED, "data", "mvtec_ad", "bottle")

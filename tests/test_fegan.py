@@ -1,6 +1,7 @@
 """FEGAN: M-SE and Table 6's masks, the loss terms against a hand computation, one step,
 eqs. 8-10, data parallelism and resume through the real loop, and every paper variant."""
 
+import functools
 import json
 import os
 import subprocess
@@ -82,8 +83,20 @@ def test_table_6_masks_change_exactly_their_mask(kind):
     assert (y[mask] == 0).all()
 
 
+@functools.cache
+def _extractor():
+  """small_config's FEN (random Lite0 weights, the same for every variant here), built once."""
+  return methods.build(small_config()).make_extractor()
+
+
+def _init(method, batch):
+  """method.init on the batch's first record, compiled as one program (op by op, Flax's
+  initialisers of the VGG-shaped generator take tens of seconds on 2 cores)."""
+  return jax.jit(method.init)(jax.tree.map(lambda a: a[:1], batch), jax.random.key(0))
+
+
 def _batch(method, size=32, n=4, seed=0):
-  extractor = method.make_extractor()
+  extractor = _extractor()
   normalisation = method.normalisation(extractor)
   pixels = np.random.default_rng(seed).integers(0, 256, (n, size, size, 3), dtype=np.uint8)
   normalised = train.method_batch({"images": pixels}, normalisation)["images"]
@@ -93,29 +106,30 @@ def _batch(method, size=32, n=4, seed=0):
 def test_loss_terms_equal_a_hand_computation():
   method = methods.build(small_config(augment="none"))
   batch = _batch(method)
-  state = method.init(jax.tree.map(lambda a: a[:1], batch), jax.random.key(0))
+  state = _init(method, batch)
   p, s = state["params"], state["batch_stats"]
-  total, (terms, _, recon) = method.generator_loss(p["generator"], s["generator"], p["discriminator"],
-                                                   s["discriminator"], batch["images"], batch["features"],
-                                                   jax.random.key(1))
-  (recon_again, theta), _ = method.generator(batch["features"].shape[-1]).apply(
-      {"params": p["generator"], "batch_stats": s["generator"]}, batch["images"], train=True, mutable=["batch_stats"])
+  total, (terms, _, recon) = jax.jit(method.generator_loss)(p["generator"], s["generator"], p["discriminator"],
+                                                            s["discriminator"], batch["images"], batch["features"],
+                                                            jax.random.key(1))
+  generator = method.generator(batch["features"].shape[-1])
+  (recon_again, theta), _ = jax.jit(lambda v, x: generator.apply(v, x, train=True, mutable=["batch_stats"]))(
+      {"params": p["generator"], "batch_stats": s["generator"]}, batch["images"])
   x, f = np.asarray(batch["images"], np.float64), np.asarray(batch["features"], np.float64)
   theta, recon = np.asarray(theta, np.float64), np.asarray(recon, np.float64)
   np.testing.assert_allclose(recon, np.asarray(recon_again), rtol=1e-6)
   fea = np.mean(np.sqrt(((f - theta) ** 2).sum(-1)))  # eq. 1
   con = np.mean(np.abs(x - recon))  # eq. 3
-  fake_logits, _ = method.discriminator.apply({"params": p["discriminator"], "batch_stats": s["discriminator"]},
-                                              jnp.asarray(recon, jnp.float32), train=True, mutable=["batch_stats"])
+  discriminate = jax.jit(lambda v, x: method.discriminator.apply(v, x, train=True, mutable=["batch_stats"]))
+  fake_logits, _ = discriminate({"params": p["discriminator"], "batch_stats": s["discriminator"]},
+                                jnp.asarray(recon, jnp.float32))
   z = np.asarray(fake_logits, np.float64)
   adv = np.mean(np.log1p(np.exp(-z)))  # -log sigmoid(z): eq. 4 for the generator
   np.testing.assert_allclose(float(terms["fea_loss"]), fea, rtol=1e-5)
   np.testing.assert_allclose(float(terms["con_loss"]), con, rtol=1e-5)
   np.testing.assert_allclose(float(terms["adv_loss"]), adv, rtol=1e-5)
   np.testing.assert_allclose(float(total), 30 * fea + 30 * con + adv, rtol=1e-5)  # eq. 5
-  d_loss, _ = method.discriminator_loss(p["discriminator"], s["discriminator"], batch["images"], recon)
-  d_vars = {"params": p["discriminator"], "batch_stats": s["discriminator"]}
-  real, _ = method.discriminator.apply(d_vars, batch["images"], train=True, mutable=["batch_stats"])
+  d_loss, _ = jax.jit(method.discriminator_loss)(p["discriminator"], s["discriminator"], batch["images"], recon)
+  real, _ = discriminate({"params": p["discriminator"], "batch_stats": s["discriminator"]}, batch["images"])
   real, fake = np.asarray(real, np.float64), z  # each batch normalised by its own statistics
   np.testing.assert_allclose(float(d_loss), np.mean(np.log1p(np.exp(-real))) + np.mean(np.log1p(np.exp(fake))),
                              rtol=1e-5)
@@ -126,12 +140,14 @@ def test_one_step_lowers_the_generators_loss():
   config.model.lr = 1e-3
   method = methods.build(config)
   batch = _batch(method, n=8)
-  state = method.init(jax.tree.map(lambda a: a[:1], batch), jax.random.key(0))
+  state = _init(method, batch)
+
+  generator_loss = jax.jit(method.generator_loss)
 
   def loss(state):
     p, s = state["params"], state["batch_stats"]
-    return float(method.generator_loss(p["generator"], s["generator"], p["discriminator"], s["discriminator"],
-                                       batch["images"], batch["features"], jax.random.key(1))[0])
+    return float(generator_loss(p["generator"], s["generator"], p["discriminator"], s["discriminator"],
+                                batch["images"], batch["features"], jax.random.key(1))[0])
 
   before = loss(state)
   state, metrics = jax.jit(method.train_step)(state, batch, jax.random.key(1))
@@ -153,7 +169,7 @@ def test_score_is_eq_8_to_10_with_training_statistics():
 def test_finalize_takes_the_statistics_from_the_training_batches():
   method = methods.build(small_config())
   batch = _batch(method, n=6)
-  state = method.init(jax.tree.map(lambda a: a[:1], batch), jax.random.key(0))
+  state = _init(method, batch)
   state = method.finalize(state, [jax.tree.map(lambda a: a[:3], batch), jax.tree.map(lambda a: a[3:], batch)])
   f, r = (np.asarray(a) for a in method.maps(state, batch["images"], batch["features"]))
   stats = {k: float(v) for k, v in state["score_stats"].items()}
