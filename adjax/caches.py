@@ -32,7 +32,7 @@ def compute_features(config, extractor, records, desc, mean, std, subclass_ids=(
       batch_size=config.train.batch_size, worker_count=config.data.workers, subclass_ids=subclass_ids,
       shard_index=index, shard_count=count, resize=config.data.resize)
   chunks = []
-  with progress.bar(len(range(index, len(records), count)), desc) as bar:
+  with progress.bar(parallel.shard_size(len(records)), desc) as bar:
     for batch in dataset:
       n = len(batch["index"])
       features = extractor(pipeline.pad_batch(batch["image"], config.train.batch_size))
@@ -51,7 +51,7 @@ def decode_images(config, records, desc) -> np.ndarray:
       batch_size=config.train.batch_size, worker_count=config.data.workers, shard_index=index, shard_count=count,
       resize=config.data.resize)
   chunks = []
-  with progress.bar(len(range(index, len(records), count)), desc) as bar:
+  with progress.bar(parallel.shard_size(len(records)), desc) as bar:
     for batch in dataset:
       chunks.append(np.asarray(batch["image"]))
       bar.update(len(chunks[-1]))

@@ -20,8 +20,13 @@ from adjax.errors import CheckpointError, ConfigError
 RUN_CONFIG = "config.json"
 
 
+def folder(workdir: str, category: str) -> str:
+  """Where a category's checkpoints (or a group's, named so) live in workdir."""
+  return os.path.join(workdir, "checkpoints", category or "default")
+
+
 def manager(workdir: str, category: str) -> ocp.CheckpointManager:
-  path = os.path.abspath(os.path.join(workdir, "checkpoints", category or "default"))
+  path = os.path.abspath(folder(workdir, category))
   return ocp.CheckpointManager(path, options=ocp.CheckpointManagerOptions(max_to_keep=2, create=True),
                                item_handlers=ocp.StandardCheckpointHandler())
 
@@ -64,7 +69,7 @@ def restore_latest(checkpoints, target=None):
 
 def exists(workdir, category) -> bool:
   """Whether a category has a finished checkpoint (of any epoch) in workdir."""
-  path = os.path.join(workdir, "checkpoints", category or "default")
+  path = folder(workdir, category)
   if not os.path.isdir(path):
     return False
   with manager(workdir, category) as checkpoints:
@@ -73,7 +78,7 @@ def exists(workdir, category) -> bool:
 
 def restore(workdir, category, target=None):
   """The latest checkpoint {'state', 'epoch'} of a trained category."""
-  path = os.path.join(workdir, "checkpoints", category or "default")
+  path = folder(workdir, category)
   if not os.path.isdir(path):
     raise CheckpointError(f"No checkpoint for category '{category}' in {path}. Train first with "
                           f"--mode=train --workdir={workdir}.")
@@ -86,7 +91,7 @@ def restore_trained(workdir, category, config, trains=True):
   training did not reach config.train.epochs."""
   restored = restore(workdir, category)
   epoch = int(restored["epoch"])
-  path = os.path.join(workdir, "checkpoints", category or "default")
+  path = folder(workdir, category)
   if trains and epoch + 1 < config.train.epochs:
     logging.warning("%s: using the checkpoint after epoch %d of %d in %s: training did not finish. Rerun "
                     "--mode=train with this workdir to continue it.", category, epoch + 1, config.train.epochs, path)

@@ -75,16 +75,16 @@ def score_dataset(config, method, state, extractor, records, desc, scorer=None):
   cover the centre crop only. `scorer`: make_scorer's program, shared across calls (categories)
   so that it compiles once."""
   mean, std = method.normalisation(extractor)
-  index, count = parallel.record_shard(len(records))  # a multi-process run: each process scores its share
+  index, shards = parallel.record_shard(len(records))  # a multi-process run: each process scores its share
   dataset = pipeline.make_dataset(
       records, image_size=config.data.image_size, crop_size=config.data.crop_size, mean=mean,
       std=std, batch_size=config.eval.batch_size, worker_count=config.data.workers,
-      shard_index=index, shard_count=count, resize=config.data.resize)
+      shard_index=index, shard_count=shards, resize=config.data.resize)
   score_batch = scorer or make_scorer(config, method, extractor)
   variables = None if extractor is None else extractor.variables
-  state = parallel.local_copy(state) if count > 1 else state  # its share alone, on its own device
+  state = parallel.local_copy(state) if shards > 1 else state  # its share alone, on its own device
   scores, maps, masks, labels, images, sizes, diagnostics = [], [], [], [], [], [], []
-  with progress.bar(len(range(index, len(records), count)), desc) as bar:
+  with progress.bar(parallel.shard_size(len(records)), desc) as bar:
     for batch in dataset:
       count = len(batch["label"])
       s, m, d = score_batch(state, variables, pipeline.pad_batch(batch["image"], config.eval.batch_size))

@@ -56,6 +56,12 @@ def record_shard(n: int) -> tuple:
   return (jax.process_index(), count) if 1 < count <= n else (0, 1)
 
 
+def shard_size(n: int) -> int:
+  """How many of n records record_shard(n) gives this process."""
+  index, count = record_shard(n)
+  return len(range(index, n, count))
+
+
 def gather_shards(tree, n: int, what: str = "records"):
   """Arrays of this process's record_shard(n) (a pytree, leading axis the shard's records) ->
   the arrays of all n records in record order, the same on every process. A no-op for one
@@ -72,7 +78,7 @@ def gather_shards(tree, n: int, what: str = "records"):
     gathered = np.asarray(multihost_utils.process_allgather(a))  # (processes, rows, ...)
     return gathered.swapaxes(0, 1).reshape((count * rows,) + a.shape[1:])[:n]  # record r: process r % count
   logging.info("This process (%d of %d) computed %d of %d %s; the rest came from the others", index + 1, count,
-               len(range(index, n, count)), n, what)
+               shard_size(n), n, what)
   return jax.tree.map(gather, tree)
 
 

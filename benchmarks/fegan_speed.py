@@ -36,6 +36,7 @@ import torch.nn.functional as F
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+import timing  # noqa: E402
 from backbone_throughput import torch_lite0_to_stage5  # noqa: E402
 
 from adjax import configlib, methods, train  # noqa: E402
@@ -141,15 +142,7 @@ def time_torch(config, images, features, steps, warmup, device, fen_every_step):
     d_loss.backward()
     d_opt.step()
 
-  sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
-  for _ in range(warmup):
-    step()
-  sync()
-  start = time.perf_counter()
-  for _ in range(steps):
-    step()
-  sync()
-  return (time.perf_counter() - start) / steps
+  return timing.mean_seconds(step, steps, warmup=warmup, sync=timing.torch_sync(device))
 
 
 def time_adjax(config, images, steps, warmup, fen_every_step):

@@ -16,6 +16,25 @@ def measure(fn, *, warmup=2, repeats=5, sync=lambda out: out):
   return times[len(times) // 2]
 
 
+def mean_seconds(fn, runs, *, warmup=1, sync=lambda: None):
+  """Mean seconds of a call of `fn` over `runs` calls after `warmup` ones: `sync()` (an
+  accelerator's queue) before the clock starts and before it stops, the calls between queued."""
+  for _ in range(warmup):
+    fn()
+  sync()
+  start = time.perf_counter()
+  for _ in range(runs):
+    fn()
+  sync()
+  return (time.perf_counter() - start) / runs
+
+
+def torch_sync(device):
+  """What waits for a PyTorch device's queued work: nothing on the CPU."""
+  import torch  # noqa: PLC0415 - the benchmarks that time PyTorch have it; others need not
+  return torch.cuda.synchronize if device == "cuda" else (lambda: None)
+
+
 def row(name, images, seconds, reference_seconds=None):
   line = f"{name:<48} {images / seconds:10.1f} img/s  {seconds * 1000:9.1f} ms/batch"
   if reference_seconds is not None:

@@ -27,7 +27,10 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+import timing  # noqa: E402
+
 from adjax import configlib, methods, train  # noqa: E402
 from adjax.methods import triplet  # noqa: E402
 from configs import triplet as triplet_config  # noqa: E402
@@ -100,15 +103,10 @@ def time_torch(config, images, steps, warmup, device):
     opt.step()
     return len(anchors)
 
-  sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
-  for _ in range(warmup):
-    step()
-  sync()
-  start, patches = time.perf_counter(), 0
-  for _ in range(steps):
-    patches += step()
-  sync()
-  return (time.perf_counter() - start) / steps, patches / steps
+  patches = []  # each step's valid patches, warm-up steps first
+  seconds = timing.mean_seconds(lambda: patches.append(step()), steps, warmup=warmup,
+                                sync=timing.torch_sync(device))
+  return seconds, sum(patches[warmup:]) / steps
 
 
 def time_torch_score(config, image, count, device):
@@ -127,14 +125,7 @@ def time_torch_score(config, image, count, device):
     dist = torch.sqrt(((net((gray - lo) / (hi - lo).clamp_min(1e-6)) - prototype) ** 2).sum(1) + 1e-12)
     return torch.stack([dist.mean(dim=(1, 2)), dist.amax(dim=(1, 2))], 1).cpu()
 
-  sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
-  score()
-  sync()
-  start = time.perf_counter()
-  for _ in range(count):
-    score()
-  sync()
-  return (time.perf_counter() - start) / count
+  return timing.mean_seconds(score, count, sync=timing.torch_sync(device))
 
 
 def time_adjax(config, images, steps, warmup):

@@ -125,12 +125,13 @@ class Triplet(base.Method):
 
   @classmethod
   def check_config(cls, config):
-    cls.check_alternative_scores(config)
     if config.model.image_score not in IMAGE_SCORES:
       raise ConfigError(f"model.image_score must be one of {', '.join(IMAGE_SCORES)}, not "
                         f"'{config.model.image_score}'.")
     if config.model.image_score == "svm":
-      super().check_config(config)
+      super().check_config(config)  # the SVM's held-out normals, and the alternative scores
+    else:
+      cls.check_alternative_scores(config)
     m = config.model
     if len(tuple(m.scales)) != len(tuple(m.patches_per_scale)) or not tuple(m.scales):
       raise ConfigError(f"model.scales {tuple(m.scales)} and model.patches_per_scale {tuple(m.patches_per_scale)} "
