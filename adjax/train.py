@@ -253,10 +253,8 @@ def _fit_together(config, method, extractor, splits, keys, workdir, scorer) -> d
       prepared.append(_prepare(config, method, extractor, normalisation, split, subclass_ids, fit_keys, calibrate))
     for group in together.groups(prepared):
       if len(group) == 1:
-        p = group[0]
-        step = make_train_step(method, normalisation, extractor)
-        states[p.category] = train_gradient(config, step, p.training_set, p.state, p.train_key, workdir,
-                                            p.category, p.frozen, p.finish)
+        states[group[0].category] = _train_prepared(config, make_train_step(method, normalisation, extractor),
+                                                    group[0], workdir)
       else:
         states.update(together.train(config, step_fn, group, workdir))
   return states
@@ -311,7 +309,12 @@ def _prepare(config, method, extractor, normalisation, split, subclass_ids, keys
 
 def _train(config, method, extractor, normalisation, split, subclass_ids, keys, workdir, calibrate):
   step = make_train_step(method, normalisation, extractor)
-  p = _prepare(config, method, extractor, normalisation, split, subclass_ids, keys, calibrate, step)
+  return _train_prepared(config, step, _prepare(config, method, extractor, normalisation, split, subclass_ids, keys,
+                                                calibrate, step), workdir)
+
+
+def _train_prepared(config, step, p, workdir):
+  """train_gradient's epochs for one Prepared category."""
   return train_gradient(config, step, p.training_set, p.state, p.train_key, workdir, p.category, p.frozen, p.finish)
 
 
