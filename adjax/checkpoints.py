@@ -109,14 +109,21 @@ def write_run_config(workdir, config):
 # become its input always; for training into it (resuming, or continuing with more epochs) also
 # the data and the training settings, since a different one would silently train another model.
 _SCORING_KEYS = [f"data.{k}" for k in ("resize", "image_size", "crop_size", "calibration_fraction",
-                                        "threshold_fraction", "test_normals_fraction")]
+                                        "threshold_fraction", "test_normals_fraction",
+                                        "novel_categories")] + ["train.shared_model"]
 _TRAINING_KEYS = ["data.name", "data.root", "train.batch_size", "seed"]
+
+
+# Keys added to configlib.base() after workdirs were written: a config.json without them had their default.
+_ADDED_DEFAULTS = {"train.shared_model": False, "data.novel_categories": ""}
 
 
 def _value(config: dict, key: str):
   node = config
   for part in key.split("."):
     node = node.get(part) if isinstance(node, dict) else None
+  if node is None:
+    node = _ADDED_DEFAULTS.get(key)
   if key == "data.root" and node:
     node = os.path.abspath(os.path.expanduser(node))
   return node

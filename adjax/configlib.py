@@ -46,6 +46,15 @@ Keys (override any with --config.<key>=<value>):
                             its solo run would (adjax/together.py), as many at once as have
                             their feature caches within feature_cache_device_mb; false: one
                             after another
+  train.shared_model        one model for the run's categories (methods that allow it): trained
+                            once on every known category's training images together, then
+                            finalized and calibrated per category on that category's own
+                            images; false: one model per category
+  data.novel_categories     with train.shared_model, a comma list of the run's categories that
+                            are never trained on: their normal training images serve only
+                            finalize (e.g. a prototype) and calibration, and their test set
+                            keeps its normals (data.test_normals_fraction is for known ones);
+                            the report adds the known and novel means
   train.checkpoint_every    epochs between checkpoints; an interrupted run resumes from the last
   train.checkpoint_min_seconds  and at least this long between them (the last epoch is always saved):
                             a short run on a fast accelerator would otherwise spend a
@@ -107,7 +116,7 @@ def base() -> ml_collections.ConfigDict:
   c.seed = 0
   c.data = ml_collections.ConfigDict(dict(
       name="synthetic", root="", category="cloth,wood,metal", resize="squash", image_size=160, crop_size=0,
-      workers=0, calibration_fraction=0.0, threshold_fraction=0.1))
+      workers=0, calibration_fraction=0.0, threshold_fraction=0.1, novel_categories=""))
   # The frozen backbone's keys; methods on SimpleNet's patch features add patch_features' keys.
   c.model = ml_collections.ConfigDict(dict(
       name="", backbone="efficientnet_lite0", backbone_weights="imagenet", layers=("stage3", "stage5"),
@@ -115,7 +124,8 @@ def base() -> ml_collections.ConfigDict:
   c.train = ml_collections.ConfigDict(dict(
       epochs=1, batch_size=8, cache_features=True, feature_cache_device_mb=4096, feature_cache_dtype="float32",
       image_cache_device_mb=4096,
-      checkpoint_every=10, checkpoint_min_seconds=30.0, log_every=10, categories_together=True))
+      checkpoint_every=10, checkpoint_min_seconds=30.0, log_every=10, categories_together=True,
+      shared_model=False))
   c.eval = ml_collections.ConfigDict(dict(batch_size=16, smoothing_sigma=4.0, pro_fpr_limit=0.3,
                                           num_overlays=8, metric_max_side=1024))
   return c
@@ -229,6 +239,11 @@ def _validate_taps(config) -> None:
     raise ConfigError(f"model.layers {layers} must go from shallow to deep (strides {strides}).")
 
 
+def novel_categories(config) -> list:
+  """data.novel_categories as a list of names."""
+  return [n.strip() for n in config.data.get("novel_categories", "").split(",") if n.strip()]
+
+
 def validate(config) -> None:
   """Checks values the type system cannot, before any data is read or weights loaded."""
   from adjax import methods
@@ -253,6 +268,11 @@ def validate(config) -> None:
     raise ConfigError(f"data.crop_size ({config.data.crop_size}) is only used with data.resize=crop; data.resize="
                       f"{config.data.resize} scales the whole image to data.image_size ({config.data.image_size}). "
                       "Set data.crop_size=0, or data.resize=crop to crop.")
+  novel = novel_categories(config)
+  if novel and not config.train.get("shared_model", False):
+    raise ConfigError(f"data.novel_categories={','.join(novel)!r} needs train.shared_model=true: novel categories are "
+                      "tested on a model trained on the other categories. Set train.shared_model=true, or clear "
+                      "data.novel_categories.")
   if config.train.checkpoint_min_seconds < 0:
     raise ConfigError(f"train.checkpoint_min_seconds must be 0 or more, not {config.train.checkpoint_min_seconds}.")
   if not 0.0 <= config.data.threshold_fraction < 1.0:

@@ -287,23 +287,32 @@ def _fmt(value):
   return "n/a" if value is None else f"{100 * value:.2f}"
 
 
-def summarise(per_category: dict) -> dict:
-  """The report: one entry per category plus 'mean'."""
-  report = dict(per_category)
+SUMMARY_ROWS = ("mean", "mean_known", "mean_novel")
+
+
+def summarise(per_category: dict, novel=()) -> dict:
+  """The report: one entry per category plus 'mean' and, when some categories are novel (never
+  trained on: data.novel_categories), 'mean_known' and 'mean_novel'; novel entries say so."""
+  report = {name: {**values, "novel": True} if name in novel else values for name, values in per_category.items()}
   report["mean"] = metrics.mean_over_categories(per_category)
+  present = [n for n in per_category if n in novel]
+  if present:
+    report["mean_known"] = metrics.mean_over_categories({n: v for n, v in per_category.items() if n not in novel})
+    report["mean_novel"] = metrics.mean_over_categories({n: per_category[n] for n in present})
   return report
 
 
 def write_reports(workdir: str, report: dict, config) -> dict:
   """metrics.json and metrics.md (atomically) from `summarise`'s report."""
-  per_category = {name: values for name, values in report.items() if name != "mean"}
+  per_category = {name: values for name, values in report.items() if name not in SUMMARY_ROWS}
   io_utils.write_json(os.path.join(workdir, "metrics.json"),
                       {"metrics": report, "config": json.loads(config.to_json_best_effort())})
   columns = ("image_auroc", "pixel_auroc", "aupro", "f1_max", "pixel_f1_max", "pixel_iou")
   lines = [f"# {config.model.name} on {config.data.name} ({config.model.get('backbone') or 'no backbone'})", "",
            "| category | " + " | ".join(columns) + " |", "|---" * (len(columns) + 1) + "|"]
   for name, values in report.items():
-    lines.append(f"| {name} | " + " | ".join(_fmt(values.get(c)) for c in columns) + " |")
+    lines.append(f"| {name}{' (novel)' if values.get('novel') else ''} | "
+                 + " | ".join(_fmt(values.get(c)) for c in columns) + " |")
   sub_rows = [(n, v) for n, v in per_category.items() if "unseen" in v]
   if sub_rows:
     lines += ["", "Seen / unseen subclasses, pooled over each group's images (image AUROC, pixel AUROC), and the "

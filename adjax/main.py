@@ -101,10 +101,11 @@ def main(argv):
     else:
       from adjax import train
       report = train.run(config, workdir, _MODE.value)
-      mean = report["mean"]
       percent = lambda v: "n/a" if v is None else f"{100 * v:.2f}"
-      print(f"mean image AUROC {percent(mean['image_auroc'])}, pixel AUROC {percent(mean['pixel_auroc'])} (%); "
-            f"report in {os.path.join(workdir, 'metrics.md')}")
+      means = "; ".join(f"{name.replace('_', ' ')} image AUROC {percent(report[name]['image_auroc'])}, pixel AUROC "
+                        f"{percent(report[name]['pixel_auroc'])}" for name in ("mean", "mean_known", "mean_novel")
+                        if name in report)
+      print(f"{means} (%); report in {os.path.join(workdir, 'metrics.md')}")
   except AdjaxError as e:
     if _VERBOSE.value:
       raise

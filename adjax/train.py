@@ -48,6 +48,15 @@ def load_splits(config, method) -> list:
     raise ConfigError(f"data.root is empty: set --config.data.root to the {config.data.name} folder.")
   splits = []
   categories = datasets.categories_from_config(config.data.name, root, config.data.category)
+  novel = configlib.novel_categories(config)
+  absent = [n for n in novel if n not in categories]
+  if absent:  # e.g. the paper's novel MVTec classes on a root holding only some categories
+    logging.warning("data.novel_categories names %s, not among this run's categories (%s): not tested. If a "
+                    "name is misspelt, the category it meant is trained on as a known one.", ", ".join(absent),
+                    ", ".join(categories))
+  if novel and not set(categories) - set(novel):
+    raise ConfigError(f"Every category of the run ({', '.join(categories)}) is in data.novel_categories, so the "
+                      "shared model has nothing to train on; leave at least one category out of it.")
   if categories == [""] and config.data.category.strip() not in ("", "all"):
     logging.info("data.category='%s' does not apply: the folder %s holds train/ itself, so it is one category.",
                  config.data.category, root)
@@ -64,7 +73,8 @@ def load_splits(config, method) -> list:
       logging.warning("%s: no anomalous test images (only %s), so image AUROC and the pixel metrics are undefined "
                       "and reported as null. Put defective images in test/<defect type>/.", split.category,
                       ", ".join(sorted(folders)))
-    split = datasets.hold_out_normals(split, config.data.get("test_normals_fraction", 0.0), config.seed, "test")
+    if split.category not in novel:  # a novel category's training images only finalize and calibrate
+      split = datasets.hold_out_normals(split, config.data.get("test_normals_fraction", 0.0), config.seed, "test")
     if method.calibrates and method.calibration_source == "normals":
       split = datasets.hold_out_normals(split, config.data.calibration_fraction, config.seed, "calibration")
     elif method.calibrates:
@@ -260,6 +270,54 @@ def _fit_together(config, method, extractor, splits, keys, workdir, scorer) -> d
   return states
 
 
+# The key of the shared model's (init, train, assign): no category's `jax.random.split` of the run key gives it.
+SHARED_KEY_TAG = 0x5EED
+
+
+def _fit_shared(config, method, extractor, splits, workdir, scorer) -> dict:
+  """{category: finished state} under train.shared_model: one state trained on the union of the
+  known categories' training images (each record's subclass is its category), then per
+  category finalized on that category's own training images and calibrated on its own
+  calibration split; the novel categories (data.novel_categories) are never trained on. A
+  category with a checkpoint of its own is left out (restored by the caller); the shared
+  training resumes from its own checkpoints."""
+  if not config.train.get("shared_model", False):
+    return {}
+  remaining = [s for s in splits if not checkpoints.exists(workdir, s.category)]
+  if not remaining:
+    return {}
+  novel = set(configlib.novel_categories(config))
+  known = [s.category for s in splits if s.category not in novel]
+  records = [dataclasses.replace(r, subclass=s.category) for s in splits if s.category in known for r in s.train]
+  union = datasets.Split("+".join(known), records, [], False)
+  normalisation = method.normalisation(extractor)
+  step = make_train_step(method, normalisation, extractor)
+  keys = tuple(jax.random.split(jax.random.fold_in(jax.random.key(config.seed), SHARED_KEY_TAG), 3))
+  logging.info("train.shared_model: one model trained on %s (%d images)%s", ", ".join(known), len(records),
+               f"; novel, never trained on: {', '.join(sorted(novel & {s.category for s in splits}))}" if novel else "")
+  shared = _prepare(config, method, extractor, normalisation, union, known, keys, lambda state: state, step)
+  state = train_gradient(config, step, shared.training_set, shared.state, shared.train_key, workdir,
+                         f"shared_{union.category}", shared.frozen)
+  states = {}
+  for split in remaining:
+    _, subclass_ids, _, calibrate = _fit_parts(config, method, extractor, split, keys[0], scorer)
+    if split.category in known:  # its rows of the shared training cache
+      own, rows = shared.training_set, np.flatnonzero(shared.training_set.subclass == known.index(split.category))
+    else:
+      own = caches.TrainingSet(config, method, extractor, split.train, subclass_ids, normalisation)
+      rows = np.arange(len(split.train))
+
+    def batches(own=own, rows=rows):
+      for batch in own.epoch(rows, config.train.batch_size):
+        yield method_batch(batch, normalisation, extractor, shared.frozen, jax.numpy)
+
+    states[split.category] = calibrate(method.finalize(state, batches()))
+    checkpoints.save(workdir, split.category, config.train.epochs - 1, states[split.category])
+    logging.info("%s: the shared model finalized%s on its %d training images", split.category,
+                 " and calibrated" if method.calibrates else "", len(rows))
+  return states
+
+
 @dataclasses.dataclass
 class Prepared:
   """One category ready for its first training step: its caches, initial (prepared) state, the
@@ -333,7 +391,10 @@ def run(config, workdir: str, mode: str) -> dict:
   for _ in splits:
     key, sub = jax.random.split(key)  # split in eval mode too, so keys never depend on the mode
     keys.append(sub)
-  trained = _fit_together(config, method, extractor, splits, keys, workdir, scorer) if mode == "train" else {}
+  trained = {}
+  if mode == "train":
+    trained = (_fit_shared(config, method, extractor, splits, workdir, scorer) if config.train.get("shared_model")
+               else _fit_together(config, method, extractor, splits, keys, workdir, scorer))
   for split, sub in zip(splits, keys):
     if split.category in trained:
       state = trained.pop(split.category)
@@ -359,7 +420,7 @@ def run(config, workdir: str, mode: str) -> dict:
     if parallel.is_main_process():
       evaluate.write_overlays(os.path.join(workdir, "overlays", split.category), split, scored,
                               method.normalisation(extractor), config.eval.num_overlays, decision)
-  report = evaluate.summarise(per_category)
+  report = evaluate.summarise(per_category, configlib.novel_categories(config))
   if parallel.is_main_process():
     evaluate.write_reports(workdir, report, config)
   return report

@@ -38,6 +38,6 @@ def train(spec: str, workdir: str, overrides=()) -> tuple:
 
 def mean_of(metrics: dict, key: str, group: str = "") -> float:
   """The mean over categories of metrics[category][group][key] (or [key]), where defined."""
-  values = [(m.get(group, {}) if group else m).get(key) for name, m in metrics.items() if name != "mean"]
+  values = [(m.get(group, {}) if group else m).get(key) for name, m in metrics.items() if not name.startswith("mean")]
   values = [v for v in values if v is not None]
   return sum(values) / len(values) if values else float("nan")

@@ -77,7 +77,7 @@ def main():
       if together and "together in one program" not in log:
         sys.exit(f"train.categories_together did not act in {workdir}: its log says\n{log[-3000:]}")
       config = json.load(open(os.path.join(workdir, "config.json")))
-      categories = [c for c in metrics if c != "mean"]
+      categories = [c for c in metrics if not c.startswith("mean")]
       train_images = sum(int(n) for n in re.findall(r"Category \S+: (\d+) train", log))
       epochs = config["train"]["epochs"]
       results[(together, attempt)] = seconds

@@ -5,11 +5,11 @@ patch sampling, random erasing and loss in plain PyTorch, same machine, same sha
       [--warmup 1] [--score-images 4]
 
 Training: one step from a batch of uint8 images (configs/triplet.py's variant: 16 images of
-1024x1024, each resized to one of 1024/512/256/128 at random and cut into 16 patch slots of
-64x64, the slots beyond the scale's 16/16/8/8 masked), anchors, positives (the next image's
-patch at the same place), random-erased negatives, three passes of the residual network,
-softmax(d1, d2)[0] averaged over the valid slots, Adam. Printed as training patches/s
-(triplets x 3 patches, valid slots only, counted alike on both sides).
+1024x1024, each resized to one of 1024/512/256/128 and cut into 16/16/8/8 patches of 64x64;
+adjax deals the scales in equal shares, 192 triplets a batch, torch draws each image's scale
+independently, 192 on average), anchors, positives (the next image's patch at the same place),
+random-erased negatives, the residual network over the three, softmax(d1, d2)[0] averaged,
+Adam. Printed as training patches/s (triplets x 3 patches, counted alike on both sides).
 Scoring: grayscale + min-max, the network over a whole 1024x1024 image (481x481x16), the
 distance to a prototype map, its mean and max; test images/s.
 Random weights and pixels: timing does not depend on them. On a GPU both sides run there
@@ -142,8 +142,7 @@ def time_adjax(config, images, steps, warmup):
     state, _ = step(state, batch, jax.random.key(1), warmup + t, None)
   jax.block_until_ready(state)
   seconds = (time.perf_counter() - start) / steps
-  # Every slot goes through the network and the masked ones are wasted: count the expected valid ones.
-  valid = len(images) * float(np.mean(config.model.patches_per_scale))
+  valid = sum(g * c for g, c in zip(method.scale_groups(len(images)), config.model.patches_per_scale))
   return seconds, state, valid
 
 
@@ -191,7 +190,7 @@ def main():
   method = methods.build(config)
   adjax_score = time_adjax_score(config, method, state, images[:1], args.score_images)
   torch_score = time_torch_score(config, images[:1], args.score_images, device)
-  # Both sides draw their scales at random: patches/s counts valid slots only (torch's drawn, adjax's expected).
+  # torch draws its scales independently: its patches/s counts the patches it drew.
   adjax_rate, torch_rate = 3 * adjax_valid / adjax_step, 3 * torch_valid / torch_step
   print(f"{'torch, training':<20} {torch_rate:9.1f} patches/s  {torch_step * 1000:9.1f} ms/step")
   print(f"{'adjax, training':<20} {adjax_rate:9.1f} patches/s  {adjax_step * 1000:9.1f} ms/step  "

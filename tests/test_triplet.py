@@ -7,7 +7,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from adjax import methods, train
+from adjax import caches, methods, train
 from adjax.data import augment, datasets
 from adjax.errors import ConfigError
 from adjax.methods import triplet
@@ -71,7 +71,7 @@ def test_training_on_a_toy_set_brings_the_positive_closer_than_the_erased_negati
   step = jax.jit(method.train_step)
   first = None
   for t in range(30):
-    state, terms = step(state, {"images": images}, jax.random.key(t))
+    state, terms = step(state, {"images": images, "subclass": jnp.zeros(8, jnp.int32)}, jax.random.key(t))
     first = first or {k: float(v) for k, v in terms.items()}
   last = {k: float(v) for k, v in terms.items()}
   assert last["loss"] < 0.6 * first["loss"], (first, last)
@@ -84,7 +84,7 @@ def test_triplet_loss_trains_the_aim_not_the_literal_target():
   far = triplet.triplet_loss(jnp.asarray([2.0]), jnp.asarray([0.1]), jnp.ones(1))
   assert float(near) < 0.2 and float(far) > 0.8
   masked = triplet.triplet_loss(jnp.asarray([0.1, 9.0]), jnp.asarray([2.0, 0.0]), jnp.asarray([1.0, 0.0]))
-  np.testing.assert_allclose(float(masked), float(near), rtol=1e-6)  # slots beyond a scale's count are ignored
+  np.testing.assert_allclose(float(masked), float(near), rtol=1e-6)  # a triplet without a partner image is ignored
 
 
 def test_prototype_is_the_per_location_mean_and_the_map_its_distance_placed_at_window_centres():
@@ -149,7 +149,7 @@ def test_calibrate_fits_the_svm_on_normals_against_their_erased_copies():
   state = method.init({"images": images[:1]}, jax.random.key(0))
   step = jax.jit(method.train_step)
   for t in range(5):
-    state, _ = step(state, {"images": images}, jax.random.key(t))
+    state, _ = step(state, {"images": images, "subclass": jnp.zeros(8, jnp.int32)}, jax.random.key(t))
   state = method.finalize(state, [{"images": images}])
   held = _stripes(6, seed=1)
   calibrated = method.calibrate(state, {"images": held, "labels": np.zeros(6, np.int32)})
@@ -185,6 +185,7 @@ def test_bad_keys_are_named(bad, match):
 def _small_run_config(root, epochs):
   c = triplet_config.get_config("")
   c.data.root, c.data.category, c.data.image_size = root, "wood", 64
+  c.data.novel_categories = ""  # one known category, so the shared network is wood's alone
   c.model.scales, c.model.patches_per_scale = (1.0,), (4,)
   c.train.epochs, c.train.batch_size = epochs, 8
   return c
@@ -288,3 +289,116 @@ def test_paper_kfold_svm_scores_each_test_image_with_a_model_that_never_saw_it(m
   other.eval.paper_kfold_svm = "mean_distance"
   with pytest.raises(ConfigError, match="paper_kfold_svm"):
     methods.build(other)
+
+
+def test_the_positive_comes_from_the_next_image_of_the_same_class_and_a_lone_image_gives_no_triplet():
+  partner, paired = triplet.same_class_partner(jnp.asarray([0, 1, 0, 2, 1, 0]))
+  np.testing.assert_array_equal(np.asarray(partner), [2, 4, 5, 3, 1, 0])
+  np.testing.assert_array_equal(np.asarray(paired), [True, True, True, False, True, True])
+  method = methods.build(_toy_config())
+  gray = triplet.grayscale(jnp.asarray(_stripes(4)))
+  *_, valid = method.sample_patches(gray, jnp.asarray([0, 0, 1, 2]), jax.random.key(0))
+  rows = np.asarray(valid).reshape(4, 4)  # 4 patches per image, the images in a random order
+  assert (rows == rows[:, :1]).all() and sorted(rows[:, 0]) == [0, 0, 1, 1]
+
+
+def test_a_batch_deals_its_scales_in_equal_shares_and_cuts_each_positive_where_its_anchor_is():
+  c = _toy_config()
+  c.data.image_size = 128
+  c.model.scales, c.model.patches_per_scale = (1.0, 0.5), (6, 3)
+  method = methods.build(c)
+  assert method.scale_groups(5) == [3, 2] and methods.build(triplet_config.get_config("mvtec_ad")).scale_groups(
+      16) == [4, 4, 4, 4]
+  ramp = np.broadcast_to(np.linspace(0, 1, 128, dtype=np.float32)[None, :, None, None], (4, 128, 128, 1))
+  gray = jnp.asarray(ramp)  # the same image four times
+  a, pos, n, valid = method.sample_patches(gray, jnp.zeros(4, jnp.int32), jax.random.key(3))
+  assert a.shape == pos.shape == n.shape == (2 * 6 + 2 * 3, 64, 64, 1) and float(valid.min()) == 1.0
+  np.testing.assert_allclose(np.asarray(a), np.asarray(pos), atol=1e-6)  # same place and scale of an equal image
+  steps = np.diff(np.asarray(a)[:, :, 0, 0], axis=1).mean(axis=1)  # the ramp's slope: 1/127 full size, twice halved
+  np.testing.assert_allclose(np.sort(steps), [1 / 127] * 12 + [2 / 127] * 6, rtol=0.05)
+
+
+def _shared_run_config(root, epochs=2):
+  c = triplet_config.get_config("")  # one network on cloth and wood; metal novel
+  c.data.root, c.data.image_size = root, 64
+  c.model.scales, c.model.patches_per_scale = (1.0,), (4,)
+  c.train.epochs, c.train.batch_size = epochs, 8
+  c.data.test_normals_fraction = 0.25  # the known classes' protocol, so that the novel exemption shows
+  return c
+
+
+def test_one_network_trains_on_the_known_categories_and_each_category_gets_its_own_prototype_and_svm(
+    tmp_path, synthetic_root, monkeypatch):
+  """train.shared_model (Sec. III-A): one training run over cloth and wood, subclass = category;
+  metal (novel) is never trained on, keeps its test normals, and is scored with its own prototype
+  from its own training images; the report gives the known and novel means."""
+  from adjax import checkpoints
+  trained_on, full = [], train.train_gradient
+
+  def recording(config, step, training_set, *args, **kwargs):
+    trained_on.append((list(training_set.records), training_set.subclass.copy()))
+    return full(config, step, training_set, *args, **kwargs)
+
+  monkeypatch.setattr(train, "train_gradient", recording)
+  config = _shared_run_config(synthetic_root)
+  report = train.run(config, str(tmp_path), "train")
+  assert len(trained_on) == 1  # one network
+  records, subclass = trained_on[0]
+  splits = {s.category: s for s in train.load_splits(config, methods.build(config))}
+  assert sorted(r.path for r in records) == sorted(r.path for c in ("cloth", "wood") for r in splits[c].train)
+  assert {r.category for r in records} == {"cloth", "wood"}
+  np.testing.assert_array_equal(subclass, [("cloth", "wood").index(r.category) for r in records])
+  metal = datasets.read_split("synthetic", synthetic_root, "metal")
+  assert len(splits["metal"].test) == len(metal.test)  # no training normal moved to a novel class's test set
+  assert len(splits["wood"].test) > len(datasets.read_split("synthetic", synthetic_root, "wood").test)
+  states = {c: checkpoints.restore(str(tmp_path), c)["state"] for c in ("cloth", "wood", "metal")}
+  for c in ("wood", "metal"):  # one network, a prototype and an SVM of each category's own
+    for a, b in zip(jax.tree.leaves(states["cloth"]["params"]), jax.tree.leaves(states[c]["params"])):
+      np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+    assert np.abs(np.asarray(states[c]["prototype"]) - np.asarray(states["cloth"]["prototype"])).max() > 1e-3
+    assert not np.array_equal(np.asarray(states[c]["svm"]), np.asarray(states["cloth"]["svm"]))
+  method = methods.build(config)
+  for c in ("cloth", "metal"):  # the per-location mean over exactly its own training images
+    images = caches.decode_images(config, splits[c].train, c).astype(np.float32) / 255
+    expected = method.finalize(states[c], [{"images": jnp.asarray(images)}])["prototype"]
+    np.testing.assert_allclose(np.asarray(states[c]["prototype"]), np.asarray(expected), rtol=1e-4, atol=1e-5)
+  assert report["metal"]["novel"] and "novel" not in report["cloth"]
+  for group, names in (("mean_known", ("cloth", "wood")), ("mean_novel", ("metal",))):
+    assert report[group]["image_auroc"] == pytest.approx(np.mean([report[n]["image_auroc"] for n in names]))
+  assert "| metal (novel) |" in (tmp_path / "metrics.md").read_text()
+
+
+@pytest.mark.parametrize("change,match", [
+    ({"train.shared_model": False}, "needs train.shared_model=true"),
+    ({"data.novel_categories": "cloth,wood,metal"}, "nothing to train on"),
+])
+def test_bad_shared_model_settings_are_named(change, match, synthetic_root, tmp_path):
+  config = _shared_run_config(synthetic_root)
+  for key, value in change.items():
+    section, name = key.split(".")
+    config[section][name] = value
+  with pytest.raises(ConfigError, match=match):
+    train.run(config, str(tmp_path), "train")
+
+
+def test_a_method_that_trains_per_category_refuses_the_shared_model():
+  from configs import simplenet
+  config = simplenet.get_config("")
+  config.train.shared_model = True
+  with pytest.raises(ConfigError, match="train.shared_model=false"):
+    methods.build(config)
+
+
+@pytest.mark.slow  # ~1.5 min on 2 cores
+def test_shared_training_killed_and_resumed_ends_with_the_uninterrupted_states(tmp_path, synthetic_root, monkeypatch):
+  import resume
+
+  from adjax import checkpoints
+  config = _shared_run_config(synthetic_root, epochs=4)
+  config.train.checkpoint_every, config.train.checkpoint_min_seconds = 1, 0.0
+  resume.straight_and_resumed(config, tmp_path, monkeypatch)
+  for c in ("cloth", "wood", "metal"):
+    straight = jax.device_get(checkpoints.restore(str(tmp_path / "straight"), c)["state"])
+    resumed = jax.device_get(checkpoints.restore(str(tmp_path / "resumed"), c)["state"])
+    for a, b in zip(jax.tree.leaves(straight), jax.tree.leaves(resumed)):
+      np.testing.assert_array_equal(np.asarray(a), np.asarray(b), err_msg=c)

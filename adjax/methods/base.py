@@ -14,6 +14,9 @@ Inputs, declared by class attributes:
   cache_features  whether 'features' may be computed once and reused every epoch: true
                   unless a random augmentation comes before the extractor
   trains          True: gradient training by `train_step`; False: statistics only (`fit`)
+  shares_across_categories  True: train.shared_model may train one state on several categories'
+                  training images at once (each record's 'subclass' is then its category's index),
+                  which `finalize` and `calibrate` then complete per category on its own images
   alternative_scores  the names of the image_score_<name> diagnostics it reports, which
                   eval.paper_kfold_svm may fit a k-fold SVM on (evaluate.log_diagnostics)
   calibrates      True: `calibrate` runs after training on a split of data.calibration_fraction
@@ -68,10 +71,15 @@ class Method:
   trains: bool = True
   calibrates: bool = False
   calibration_source: str = "test"
+  shares_across_categories: bool = False
   alternative_scores: tuple = ()  # the <name>s of its image_score_<name> diagnostics (eval.paper_kfold_svm)
 
   def __init__(self, config):
     self.check_config(config)
+    if config.train.get("shared_model", False) and not self.shares_across_categories:
+      raise ConfigError(f"train.shared_model=true: model.name={config.model.name} trains one model per category "
+                        "(its state is not completed per category after a shared training). Set "
+                        "train.shared_model=false.")
     self.config = config
 
   @classmethod

@@ -13,16 +13,24 @@ the network is fully convolutional, so a 1024x1024 image gives 481x481x16, locat
 seeing the 64x64 window at (2i, 2j).
 Training patches (Sec. III-B): each image is resized to one of model.scales (fractions of the
 input side: 1024, 512, 256, 128 pixels in the paper) at random and gives model.patches_per_scale
-(16, 16, 8, 8) random 64x64 patches, all on the device: every image of a batch gets
-max(patches_per_scale) patch slots and the slots beyond its scale's count are masked out of
-the loss, so a batch of train.batch_size images (16) is at most 256 triplets (Sec. III-D: 256).
+(16, 16, 8, 8) random 64x64 patches, all on the device. The scales are dealt to a batch's images
+as a random permutation of equal shares (each image's scale is uniform, as in the paper, but a
+batch holds each scale equally often rather than independently), so that every step has the
+same number of patches and no compute goes to unused slots: a batch of train.batch_size images
+(16) is 4 x (16 + 16 + 8 + 8) = 192 triplets, the expected count of independent draws (Sec.
+III-D's batch of 256 is the most a batch of 16 can give).
 Triplets (Sec. IV-A): the paper says only that the anchor and the positive are normal patches
 of one class. The anchor is a patch of one image; the positive is the patch at the same
-position and scale of the next image of the batch (the same category: the loop trains one
-category at a time), so that normal variation at a location is what the network learns to
-ignore, which is what the per-location prototype below measures against; the negative is the
+position and scale of the next image of the batch of the same class (the batch's 'subclass':
+a category's subclass, or, when one network trains on several categories (train.shared_model,
+Sec. III-A's known classes), the category), so that normal variation at a location is what the
+network learns to ignore, which is what the per-location prototype below measures against; an
+image with no other image of its class in the batch gives no triplet. The negative is the
 anchor with random erasing (Zhong et al., adjax/data/augment.py): it differs from the anchor
 only by a local deviation.
+Known and novel classes (Sec. III-A): with train.shared_model the network trains on the known
+categories together; every category, novel ones (data.novel_categories) included, then gets its
+prototype from its own normal training images and its SVM from its own held-out normals.
 Loss (Sec. IV-A, IV-D): d1 = ||f(a) - f(p)||, d2 = ||f(a) - f(n)|| (eqs. 1-2), softmax over
 (d1, d2), mean absolute error against a target. The paper writes the target [1, 0], which
 pushes d1 above d2, against its own stated aim (a higher similarity for a and p); we train the
@@ -61,6 +69,35 @@ def output_side(side: int, stem: int = 3, blocks: int = 7) -> int:
   return (side - 2 * stem) // 2 - 4 * blocks
 
 
+def _pool_windows(x):
+  b, h, w, c = x.shape
+  return x[:, :h // 2 * 2, :w // 2 * 2].reshape(b, h // 2, 2, w // 2, 2, c)
+
+
+@jax.custom_vjp
+def max_pool_2x2(x):
+  """nn.max_pool(x, (2, 2), (2, 2)) (NHWC; an odd last row or column dropped), whose gradient goes
+  to each window's first maximum in row-major order, as XLA's select-and-scatter does (ties
+  included), computed as an argmax: on CPU far faster (benchmarks/README.md, triplet speed)."""
+  return _pool_windows(x).max(axis=(2, 4))
+
+
+def _max_pool_fwd(x):
+  return max_pool_2x2(x), x
+
+
+def _max_pool_bwd(x, dy):
+  b, h, w, c = x.shape
+  windows = _pool_windows(x).transpose(0, 1, 3, 5, 2, 4).reshape(*dy.shape, 4)
+  first = jnp.argmax(windows, axis=-1)  # argmax returns the first of equal maxima
+  dx = jnp.where(jnp.arange(4) == first[..., None], dy[..., None], 0.0).astype(x.dtype)
+  dx = dx.reshape(b, h // 2, w // 2, c, 2, 2).transpose(0, 1, 4, 2, 5, 3).reshape(b, h // 2 * 2, w // 2 * 2, c)
+  return (jnp.pad(dx, ((0, 0), (0, h - h // 2 * 2), (0, w - w // 2 * 2), (0, 0))),)
+
+
+max_pool_2x2.defvjp(_max_pool_fwd, _max_pool_bwd)
+
+
 class ResidualBlock(nn.Module):
   filters: int = 16
 
@@ -81,7 +118,7 @@ class Embedding(nn.Module):
   def __call__(self, x):
     for i in range(self.stem):
       x = nn.relu(nn.Conv(self.filters, (3, 3), padding="VALID", name=f"stem{i}")(x))
-    x = nn.max_pool(x, (2, 2), (2, 2))
+    x = max_pool_2x2(x)
     for i in range(self.blocks):
       x = ResidualBlock(self.filters, name=f"block{i}")(x)
     return x
@@ -116,11 +153,24 @@ def window_map(dist, side: int, patch: int):
   return jnp.pad(up, ((0, 0), (before, side - 2 * h - before), (before, side - 2 * w - before)), mode="edge")
 
 
+def same_class_partner(subclass):
+  """(partner (B,), paired (B,) bool): for image i the next image of the batch, cyclically, of its
+  class; paired is false (partner i itself) when it is the only one of its class in the batch."""
+  b = subclass.shape[0]
+  offsets = jnp.arange(1, b)
+  candidates = (jnp.arange(b)[:, None] + offsets[None, :]) % b  # (B, B - 1), nearest first
+  same = subclass[candidates] == subclass[:, None]
+  first = jnp.argmax(same, axis=1)
+  paired = same.any(axis=1)
+  return jnp.where(paired, candidates[jnp.arange(b), first], jnp.arange(b)), paired
+
+
 class Triplet(base.Method):
   train_inputs = ("images",)
   score_inputs = ("images",)
   calibrates = True
   calibration_source = "normals"
+  shares_across_categories = True  # Sec. III-A: one network for the known classes
   alternative_scores = ("mean_distance", "max_distance")  # diagnostics' image_score_<name>
 
   @classmethod
@@ -169,38 +219,44 @@ class Triplet(base.Method):
   def embed(self, params, gray):
     return self.net.apply({"params": params}, gray)
 
-  def sample_patches(self, gray, key):
-    """Anchors, positives, negatives (N, P, P, 1) and their validity (N,), N = B * slots: the module
-    docstring's training patches and triplets."""
+  def scale_groups(self, b: int) -> list:
+    """How many of a batch's b images take each training scale: as equal as b allows."""
+    n = len(self.config.model.scales)
+    return [b // n + (i < b % n) for i in range(n)]
+
+  def sample_patches(self, gray, subclass, key):
+    """Anchors, positives, negatives (N, P, P, 1) and their validity (N,): the module docstring's
+    training patches and triplets; N = sum over scales of its images times its patch count."""
     m = self.config.model
-    b, side = gray.shape[0], gray.shape[1]
-    p, slots = m.patch_size, max(m.patches_per_scale)
-    k_scale, k_pos, k_erase = jax.random.split(key, 3)
-    scale = jax.random.randint(k_scale, (b,), 0, len(m.scales))
-    partner = jnp.roll(jnp.arange(b), -1)  # the next image of the batch gives the positive
-    uniform = jax.random.uniform(k_pos, (b, slots, 2))
-    anchors, positives = [], []
-    for fraction in m.scales:
+    b, side, p = gray.shape[0], gray.shape[1], m.patch_size
+    k_order, k_pos, k_erase = jax.random.split(key, 3)
+    order = jax.random.permutation(k_order, b)  # the images of each scale: a random, equal share
+    partner, paired = same_class_partner(subclass)
+
+    def cut(image, corners):
+      return jax.vmap(lambda c: jax.lax.dynamic_slice(image, (c[0], c[1], 0), (p, p, 1)))(corners)
+
+    anchors, positives, valid, start = [], [], [], 0
+    for i, (fraction, count, g) in enumerate(zip(m.scales, m.patches_per_scale, self.scale_groups(b))):
+      if g == 0:
+        continue
+      idx = order[start:start + g]
+      start += g
       s = int(round(side * fraction))
-      resized = gray if s == side else jax.image.resize(gray, (b, s, s, 1), method="linear", antialias=True)
-      corner = (uniform * (s - p + 1)).astype(jnp.int32)  # (B, slots, 2), the same for a and p
-
-      def cut(image, corners):
-        return jax.vmap(lambda c: jax.lax.dynamic_slice(image, (c[0], c[1], 0), (p, p, 1)))(corners)
-
-      anchors.append(jax.vmap(cut)(resized, corner))
-      positives.append(jax.vmap(cut)(resized[partner], corner))
-    pick = lambda stack: jnp.take_along_axis(jnp.stack(stack, 1), scale[:, None, None, None, None, None], 1)[:, 0]
-    a = pick(anchors).reshape(b * slots, p, p, 1)
-    pos = pick(positives).reshape(b * slots, p, p, 1)
-    counts = jnp.asarray(m.patches_per_scale)[scale]
-    valid = (jnp.arange(slots)[None, :] < counts[:, None]).reshape(-1).astype(jnp.float32)
+      pair = jnp.concatenate([gray[idx], gray[partner[idx]]])  # anchors' images, then their positives'
+      if s != side:
+        pair = jax.image.resize(pair, (2 * g, s, s, 1), method="linear", antialias=True)
+      corner = (jax.random.uniform(jax.random.fold_in(k_pos, i), (g, count, 2)) * (s - p + 1)).astype(jnp.int32)
+      anchors.append(jax.vmap(cut)(pair[:g], corner).reshape(g * count, p, p, 1))
+      positives.append(jax.vmap(cut)(pair[g:], corner).reshape(g * count, p, p, 1))  # same place and scale
+      valid.append(jnp.repeat(paired[idx], count))
+    a, pos = jnp.concatenate(anchors), jnp.concatenate(positives)
     n = augment.random_erasing(a, k_erase, tuple(m.erase_area), tuple(m.erase_aspect))[0]
-    return a, pos, n, valid
+    return a, pos, n, jnp.concatenate(valid).astype(jnp.float32)
 
-  def losses(self, params, gray, key):
-    a, p, n, valid = self.sample_patches(gray, key)
-    fa, fp, fn = (self.embed(params, x)[:, 0, 0, :] for x in (a, p, n))
+  def losses(self, params, gray, subclass, key):
+    a, p, n, valid = self.sample_patches(gray, subclass, key)
+    fa, fp, fn = jnp.split(self.embed(params, jnp.concatenate([a, p, n]))[:, 0, 0, :], 3)  # one pass of 3N
     d1, d2 = distance(fa, fp), distance(fa, fn)
     loss = triplet_loss(d1, d2, valid)
     count = jnp.maximum(valid.sum(), 1.0)
@@ -208,7 +264,7 @@ class Triplet(base.Method):
 
   def train_step(self, state, batch, key):
     gray = grayscale(batch["images"])
-    (_, terms), grads = jax.value_and_grad(self.losses, has_aux=True)(state["params"], gray, key)
+    (_, terms), grads = jax.value_and_grad(self.losses, has_aux=True)(state["params"], gray, batch["subclass"], key)
     updates, opt_state = self.tx.update(grads, state["opt_state"], state["params"])
     params = optax.apply_updates(state["params"], updates)
     return {**state, "params": params, "opt_state": opt_state, "step": state["step"] + 1}, terms
