@@ -4,14 +4,15 @@ hard-margin end of a huge C, and out-of-fold scores of a k-fold protocol."""
 import numpy as np
 
 
-def linear_svm(x, y):
+def linear_svm(x, y, nonnegative: bool = False):
   """A linear SVM's (w, b) for points x (N, d) of classes y in {0, 1}, at the hard-margin end of
   the triplet paper's C = 1e8 (Sec. III-E): among the separators with the least total hinge loss (each class's
   weighted by N / (2 * its count), so the number of erased copies per image does not tilt it),
   the one of widest margin. Two exact steps instead of libsvm, which stops at
   its iteration limit with a wrong sign when a huge C meets classes that overlap: a linear
   programme for the least hinge loss H, then a quadratic programme for the smallest ||w|| whose
-  hinge loss stays at H."""
+  hinge loss stays at H. nonnegative: every weight >= 0 (a score that never falls as a
+  statistic rises)."""
   from scipy import optimize
   mean, std = x.mean(axis=0), max(float(x.std()), 1e-12)  # one shift and one scale for all features:
   z = (x - mean) / std                                       # the widest margin is invariant to them
@@ -20,7 +21,7 @@ def linear_svm(x, y):
   weight = np.where(y == 1, n / (2.0 * max(1, (y == 1).sum())), n / (2.0 * max(1, (y == 0).sum())))
   # Variables [w (d), b, xi (n)]; constraints sign_i (w . z_i + b) + xi_i >= 1, xi >= 0.
   margin = np.hstack([sign[:, None] * z, sign[:, None], np.eye(n)])
-  bounds = [(None, None)] * (d + 1) + [(0, None)] * n
+  bounds = [(0, None) if nonnegative else (None, None)] * d + [(None, None)] + [(0, None)] * n
   lp = optimize.linprog(np.concatenate([np.zeros(d + 1), weight]), A_ub=-margin, b_ub=-np.ones(n), bounds=bounds,
                         method="highs")
   if lp.status != 0:

@@ -293,8 +293,9 @@ def _fit_shared(config, method, extractor, splits, workdir, scorer) -> dict:
   normalisation = method.normalisation(extractor)
   step = make_train_step(method, normalisation, extractor)
   keys = tuple(jax.random.split(jax.random.fold_in(jax.random.key(config.seed), SHARED_KEY_TAG), 3))
+  tested_novel = sorted(novel & {s.category for s in splits})
   logging.info("train.shared_model: one model trained on %s (%d images)%s", ", ".join(known), len(records),
-               f"; novel, never trained on: {', '.join(sorted(novel & {s.category for s in splits}))}" if novel else "")
+               f"; novel, never trained on: {', '.join(tested_novel)}" if tested_novel else "")
   shared = _prepare(config, method, extractor, normalisation, union, known, keys, lambda state: state, step)
   state = train_gradient(config, step, shared.training_set, shared.state, shared.train_key, workdir,
                          f"shared_{union.category}", shared.frozen)

@@ -53,6 +53,7 @@ def get_config(arg: str = ""):
   m.image_score = v.score
   # Sec. III-E's SVM: linear, C = 1e8, i.e. a hard margin; adjax.linear_svm.linear_svm solves that limit.
   m.calibration_copies = 4                 # erased copies per held-out normal image for the SVM
+  m.svm_nonnegative = True                 # ours: the SVM's weights >= 0 (methods/triplet.py's docstring)
   c.data.name, c.data.category = "mvtec_ad", "all"
   c.train.shared_model = True              # Sec. III-A: one network trained on the known classes together
   c.data.novel_categories = ",".join(MVTEC_NOVEL)

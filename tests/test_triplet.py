@@ -127,6 +127,23 @@ def test_linear_svm_is_the_hard_margin_separator_and_keeps_its_sign_when_classes
   assert w[0] > 0 and w[1] > 0 and np.mean(((overlapping @ w + b) > 0) == (y == 1)) > 0.8
 
 
+def test_the_nonnegative_svm_never_lets_a_larger_statistic_lower_the_score():
+  """Peaks (erased copies: max up, mean barely) teach an unconstrained fit max minus mean;
+  nonnegative=True keeps every weight >= 0 and still separates them."""
+  rng = np.random.default_rng(1)
+  top = rng.uniform(10, 70, 30)
+  normal = np.column_stack([0.002 * top + rng.uniform(0, 0.01, 30), top])  # mean and max rise together
+  peak = rng.uniform(60, 1200, 60)
+  peaks = np.column_stack([rng.uniform(0.02, 0.06, 60), peak])  # a high max over an ordinary mean
+  x, y = np.vstack([normal, peaks]), np.r_[np.zeros(30), np.ones(60)]
+  free, _ = triplet.linear_svm(x, y)
+  w, b = triplet.linear_svm(x, y, nonnegative=True)
+  assert free[0] < 0 and (w >= 0).all() and w[1] > 0
+  assert np.mean(((x @ w + b) > 0) == (y == 1)) > 0.9
+  brighter = normal + [0.5, 0.0]  # farther from the prototype on average, same peak: never more normal
+  assert (brighter @ w >= normal @ w).all()
+
+
 def test_default_calibration_holds_out_training_normals_and_never_a_test_image(synthetic_root):
   c = triplet_config.get_config("")
   c.data.root, c.data.category = synthetic_root, "wood"

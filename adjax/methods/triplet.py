@@ -45,7 +45,10 @@ centre of each location's 64x64 window, so that it covers the image as the netwo
 the image score is a linear SVM (C = 1e8) on the map's mean and max. The paper fits that SVM on
 the labelled test images; adjax fits it (`calibrate`) on normal training images held out of
 training (data.calibration_fraction) against random-erased copies of them, so no real defect
-and no test label is ever seen. model.image_score='mean' or 'max' scores by the raw statistic.
+and no test label is ever seen. Erased copies are separated by a peak (their max rises far more
+than their mean), so an unconstrained fit learns max minus mean, which ranks an image that is
+farther from the prototype everywhere as more normal; model.svm_nonnegative (our choice, on by
+default) keeps both weights >= 0, as befits two distances. model.image_score='mean' or 'max' scores by the raw statistic.
 """
 
 import flax.linen as nn
@@ -327,7 +330,7 @@ class Triplet(base.Method):
         erased.append(np.asarray(statistics(state, erase(gray, jax.random.fold_in(key, copy * len(images) + start)))))
     x = np.concatenate(normal + erased).astype(np.float64)
     y = np.concatenate([np.zeros(sum(len(n) for n in normal)), np.ones(sum(len(e) for e in erased))])
-    w, b = linear_svm(x, y)
+    w, b = linear_svm(x, y, nonnegative=m.svm_nonnegative)
     accuracy = float(np.mean(((x @ w + b) > 0) == (y == 1)))
     logging.info("triplet SVM on %d held-out normal images and %d erased copies: %.3f * mean + %.3f * max %+.3f "
                  "(training accuracy %.3f)", len(images), len(y) - len(images), w[0], w[1], b, accuracy)
