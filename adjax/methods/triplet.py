@@ -48,7 +48,8 @@ training (data.calibration_fraction) against random-erased copies of them, so no
 and no test label is ever seen. Erased copies are separated by a peak (their max rises far more
 than their mean), so an unconstrained fit learns max minus mean, which ranks an image that is
 farther from the prototype everywhere as more normal; model.svm_nonnegative (our choice, on by
-default) keeps both weights >= 0, as befits two distances. model.image_score='mean' or 'max' scores by the raw statistic.
+default) keeps both weights >= 0, as befits two distances. model.image_score='mean' or 'max'
+scores by the raw statistic.
 """
 
 import flax.linen as nn
