@@ -78,6 +78,45 @@ def iou(masks, maps, threshold: float) -> float | None:
   return float(np.logical_and(predicted, masks).sum() / union)
 
 
+def _as_images(masks, maps):
+  """masks, maps as sequences of per-image 2-D arrays of equal shapes."""
+  if not isinstance(masks, (list, tuple)):
+    masks, maps = np.asarray(masks), np.asarray(maps)
+    if masks.shape != maps.shape:
+      raise ValueError(f"masks and maps differ in shape: {masks.shape} vs {maps.shape}")
+    if masks.ndim == 2:
+      masks, maps = masks[None], maps[None]
+  for i, mask in enumerate(masks):
+    if np.shape(mask) != np.shape(maps[i]):
+      raise ValueError(f"mask {i} and its map differ in shape: {np.shape(mask)} vs {np.shape(maps[i])}")
+  return masks, maps
+
+
+def _region_weights(masks):
+  """(per-pixel weight 1 / its ground-truth region's area (0 off regions), flat; number of regions)."""
+  weights, num_regions = [], 0
+  for mask in masks:
+    components, n = scipy.ndimage.label(np.asarray(mask).astype(bool))  # 4-connectivity, as the MVTec code
+    areas = np.bincount(components.ravel())
+    weight = np.zeros_like(areas, dtype=np.float64)
+    weight[1:] = 1.0 / areas[1:]
+    weights.append(weight[components].ravel())
+    num_regions += n
+  return np.concatenate(weights), num_regions
+
+
+def _pro_area(fpr, pro, fpr_limit):
+  """The trapezoid area of the PRO curve (from (0, 0)) up to fpr_limit, interpolated there, / fpr_limit."""
+  fpr, pro = np.r_[0.0, fpr], np.r_[0.0, pro]
+  k = int(np.searchsorted(fpr, fpr_limit, side="right"))
+  if k < fpr.size:
+    x0, x1, y0, y1 = fpr[k - 1], fpr[k], pro[k - 1], pro[k]
+    y_limit = y0 + (y1 - y0) * (fpr_limit - x0) / (x1 - x0) if x1 > x0 else y1
+    fpr = np.r_[fpr[:k], fpr_limit]
+    pro = np.r_[pro[:k], y_limit]
+  return float(np.trapezoid(pro, fpr) / fpr_limit)
+
+
 def aupro(masks, maps, fpr_limit: float = 0.3) -> float | None:
   """Area under the per-region-overlap curve up to `fpr_limit`, divided by `fpr_limit`.
 
@@ -87,41 +126,42 @@ def aupro(masks, maps, fpr_limit: float = 0.3) -> float | None:
   all thresholds by sorting, the curve is integrated with the trapezoid rule and
   linearly interpolated at `fpr_limit`.
   """
-  if not isinstance(masks, (list, tuple)):
-    masks, maps = np.asarray(masks), np.asarray(maps)
-    if masks.shape != maps.shape:
-      raise ValueError(f"masks and maps differ in shape: {masks.shape} vs {maps.shape}")
-    if masks.ndim == 2:
-      masks, maps = masks[None], maps[None]
-  weights = []
-  num_regions = 0
-  for i, mask in enumerate(masks):
-    mask = np.asarray(mask).astype(bool)
-    if mask.shape != np.shape(maps[i]):
-      raise ValueError(f"mask {i} and its map differ in shape: {mask.shape} vs {np.shape(maps[i])}")
-    components, n = scipy.ndimage.label(mask)  # 4-connectivity, as the MVTec code
-    areas = np.bincount(components.ravel())
-    weight = np.zeros_like(areas, dtype=np.float64)
-    weight[1:] = 1.0 / areas[1:]
-    weights.append(weight[components].ravel())
-    num_regions += n
-  flat_masks = ravel(list(masks)).astype(bool)
-  num_normal = int((~flat_masks).sum())
-  if num_regions == 0 or num_normal == 0:
-    return None
-  _, pro, fp = _descending_counts(
-      flat_masks, ravel(list(maps), np.float64), weights_pos=np.concatenate(weights) / num_regions,
-      weights_neg=(~flat_masks).astype(np.float64) / num_normal)
-  fpr = np.r_[0.0, fp]
-  pro = np.r_[0.0, pro]
-  # Clip the curve at fpr_limit, interpolating the PRO value there.
-  k = int(np.searchsorted(fpr, fpr_limit, side="right"))
-  if k < fpr.size:
-    x0, x1, y0, y1 = fpr[k - 1], fpr[k], pro[k - 1], pro[k]
-    y_limit = y0 + (y1 - y0) * (fpr_limit - x0) / (x1 - x0) if x1 > x0 else y1
-    fpr = np.r_[fpr[:k], fpr_limit]
-    pro = np.r_[pro[:k], y_limit]
-  return float(np.trapezoid(pro, fpr) / fpr_limit)
+  return pixel_metrics(masks, maps, fpr_limit)["aupro"]
+
+
+def pixel_metrics(masks, maps, fpr_limit: float = 0.3) -> dict:
+  """pixel_auroc, aupro (to fpr_limit), pixel_f1_max, pixel_f1_max_threshold and pixel_iou (at
+  that threshold) from one sort of the pixels: the same values as auroc, aupro, f1_max and iou
+  (AUROC as the trapezoid under the ROC over distinct thresholds, which counts ties as half;
+  IoU at a threshold t is TP(t) / (FP(t) + positives))."""
+  masks, maps = _as_images(masks, maps)
+  weights, num_regions = _region_weights(masks)
+  labels = ravel(list(masks)).astype(bool)
+  scores = ravel(list(maps))
+  if not np.issubdtype(scores.dtype, np.floating):
+    scores = scores.astype(np.float64)
+  order = np.argsort(-scores, kind="stable")  # the scores' own dtype: the order float64 would give
+  sorted_scores, sorted_labels = scores[order], labels[order]
+  last_of_run = np.r_[sorted_scores[1:] != sorted_scores[:-1], True]  # a threshold admits all tied pixels
+  tp = np.cumsum(sorted_labels, dtype=np.int64)[last_of_run]
+  fp = np.cumsum(~sorted_labels, dtype=np.int64)[last_of_run]
+  thresholds = sorted_scores[last_of_run]
+  n_pos, n_neg = int(labels.sum()), int(labels.size - labels.sum())
+  out = {"pixel_auroc": None, "aupro": None, "pixel_f1_max": None, "pixel_f1_max_threshold": None,
+         "pixel_iou": None}
+  if n_pos and n_neg:
+    out["pixel_auroc"] = float(np.trapezoid(np.r_[0, tp] / n_pos, np.r_[0, fp] / n_neg))
+  if num_regions and n_neg:
+    pro = np.cumsum(weights[order])[last_of_run] / num_regions
+    out["aupro"] = _pro_area(fp / n_neg, pro, fpr_limit)
+  if n_pos:
+    precision, recall = tp / (tp + fp), tp / n_pos
+    with np.errstate(invalid="ignore", divide="ignore"):
+      f1 = np.where(precision + recall > 0, 2 * precision * recall / (precision + recall), 0.0)
+    best = int(np.argmax(f1))
+    out["pixel_f1_max"], out["pixel_f1_max_threshold"] = float(f1[best]), float(thresholds[best])
+    out["pixel_iou"] = float(tp[best] / (fp[best] + n_pos))
+  return out
 
 
 def evaluate(image_labels, image_scores, masks=None, maps=None, pro_fpr_limit: float = 0.3) -> dict:
@@ -145,14 +185,7 @@ def evaluate(image_labels, image_scores, masks=None, maps=None, pro_fpr_limit: f
       "num_anomalous": int(np.asarray(image_labels).astype(bool).sum()),
   }
   if masks is not None:
-    result["aupro"] = aupro(masks, maps, pro_fpr_limit)
-    masks, maps = _flat(masks, maps)  # once, for the flat metrics below
-    result["pixel_auroc"] = auroc(masks, maps)
-    pixel_f1, pixel_threshold = f1_max(masks, maps)
-    result["pixel_f1_max"] = pixel_f1
-    result["pixel_f1_max_threshold"] = pixel_threshold
-    if pixel_threshold is not None:
-      result["pixel_iou"] = iou(masks, maps, pixel_threshold)
+    result.update(pixel_metrics(masks, maps, pro_fpr_limit))
   return result
 
 

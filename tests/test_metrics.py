@@ -97,3 +97,20 @@ def test_evaluate_without_masks_leaves_pixel_metrics_null():
   assert result["pixel_auroc"] is None and result["aupro"] is None
   mean = metrics.mean_over_categories({"a": result, "b": dict(result, image_auroc=0.5)})
   assert mean["image_auroc"] == 0.75 and mean["pixel_auroc"] is None
+
+
+def test_one_sort_pixel_metrics_equal_each_metric_computed_alone():
+  rng = np.random.default_rng(5)
+  masks = [np.zeros((10, 10), np.uint8) for _ in range(3)]
+  masks[0][2:5, 3:7] = 1
+  masks[1][6:10, 1:3] = 1
+  masks[1][0:2, 5:7] = 1  # two regions in one image
+  maps = [np.round(rng.random(m.shape) + 0.4 * m, 1).astype(np.float32) for m in masks]  # many ties
+  got = metrics.pixel_metrics(masks, maps, 0.3)
+  f1, threshold = metrics.f1_max(masks, maps)
+  assert got["pixel_auroc"] == pytest.approx(metrics.auroc(masks, maps), abs=1e-12)
+  assert got["pixel_f1_max"] == pytest.approx(f1, abs=1e-12) and got["pixel_f1_max_threshold"] == threshold
+  assert got["pixel_iou"] == pytest.approx(metrics.iou(masks, maps, threshold), abs=1e-12)
+  assert got["aupro"] == pytest.approx(_pro_reference(np.stack(masks), np.stack(maps), 0.3), abs=1e-9)
+  none = metrics.pixel_metrics([np.zeros((3, 3))], [rng.random((3, 3))])
+  assert none["pixel_auroc"] is None and none["aupro"] is None and none["pixel_f1_max"] is None
