@@ -278,16 +278,22 @@ def _fit_shared(config, method, extractor, splits, workdir, scorer) -> dict:
   """{category: finished state} under train.shared_model: one state trained on the union of the
   known categories' training images (each record's subclass is its category), then per
   category finalized on that category's own training images and calibrated on its own
-  calibration split; the novel categories (data.novel_categories) are never trained on. A
-  category with a checkpoint of its own is left out (restored by the caller); the shared
-  training resumes from its own checkpoints."""
-  if not config.train.get("shared_model", False):
-    return {}
-  remaining = [s for s in splits if not checkpoints.exists(workdir, s.category)]
-  if not remaining:
-    return {}
+  calibration split; the novel categories (data.novel_categories) are never trained on. The
+  shared training resumes from its own checkpoints; once it has reached train.epochs, a category
+  with a checkpoint of its own is restored, and every other one completed (a run continued with
+  more epochs completes them all again)."""
   novel = set(configlib.novel_categories(config))
   known = [s.category for s in splits if s.category not in novel]
+  name = "shared_" + "+".join(known)
+  with checkpoints.manager(workdir, name) as manager:
+    trained_epochs = -1 if manager.latest_step() is None else int(manager.latest_step())
+  remaining = splits
+  if trained_epochs >= config.train.epochs - 1:
+    remaining = [s for s in splits if not checkpoints.exists(workdir, s.category)]
+  finished = {s.category for s in splits} - {s.category for s in remaining}
+  states = {c: checkpoints.restore_trained(workdir, c, config) for c in sorted(finished)}
+  if not remaining:
+    return states
   records = [dataclasses.replace(r, subclass=s.category) for s in splits if s.category in known for r in s.train]
   union = datasets.Split("+".join(known), records, [], False)
   normalisation = method.normalisation(extractor)
@@ -297,9 +303,8 @@ def _fit_shared(config, method, extractor, splits, workdir, scorer) -> dict:
   logging.info("train.shared_model: one model trained on %s (%d images)%s", ", ".join(known), len(records),
                f"; novel, never trained on: {', '.join(tested_novel)}" if tested_novel else "")
   shared = _prepare(config, method, extractor, normalisation, union, known, keys, lambda state: state, step)
-  state = train_gradient(config, step, shared.training_set, shared.state, shared.train_key, workdir,
-                         f"shared_{union.category}", shared.frozen)
-  states = {}
+  state = train_gradient(config, step, shared.training_set, shared.state, shared.train_key, workdir, name,
+                         shared.frozen)
   for split in remaining:
     _, subclass_ids, _, calibrate = _fit_parts(config, method, extractor, split, keys[0], scorer)
     if split.category in known:  # its rows of the shared training cache
@@ -393,9 +398,10 @@ def run(config, workdir: str, mode: str) -> dict:
     key, sub = jax.random.split(key)  # split in eval mode too, so keys never depend on the mode
     keys.append(sub)
   trained = {}
-  if mode == "train":
-    trained = (_fit_shared(config, method, extractor, splits, workdir, scorer) if config.train.get("shared_model")
-               else _fit_together(config, method, extractor, splits, keys, workdir, scorer))
+  if mode == "train" and config.train.get("shared_model", False):
+    trained = _fit_shared(config, method, extractor, splits, workdir, scorer)  # every category, never one alone
+  elif mode == "train":
+    trained = _fit_together(config, method, extractor, splits, keys, workdir, scorer)
   for split, sub in zip(splits, keys):
     if split.category in trained:
       state = trained.pop(split.category)

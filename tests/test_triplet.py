@@ -383,6 +383,18 @@ def test_one_network_trains_on_the_known_categories_and_each_category_gets_its_o
   for group, names in (("mean_known", ("cloth", "wood")), ("mean_novel", ("metal",))):
     assert report[group]["image_auroc"] == pytest.approx(np.mean([report[n]["image_auroc"] for n in names]))
   assert "| metal (novel) |" in (tmp_path / "metrics.md").read_text()
+  train.run(config, str(tmp_path), "train")  # finished: every category restored, nothing trained
+  assert len(trained_on) == 1
+  config.train.epochs = 3  # continued: the one network trains on, and every category is completed again
+  train.run(config, str(tmp_path), "train")
+  assert len(trained_on) == 2 and len(trained_on[1][0]) == len(records)
+  more = {c: checkpoints.restore(str(tmp_path), c) for c in ("cloth", "wood", "metal")}
+  assert {int(m["epoch"]) for m in more.values()} == {2}
+  for c in ("wood", "metal"):
+    for a, b in zip(jax.tree.leaves(more["cloth"]["state"]["params"]), jax.tree.leaves(more[c]["state"]["params"])):
+      np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+  assert not np.array_equal(np.asarray(jax.tree.leaves(more["metal"]["state"]["params"])[0]),
+                            np.asarray(jax.tree.leaves(states["metal"]["params"])[0]))
 
 
 @pytest.mark.parametrize("change,match", [
