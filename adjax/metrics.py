@@ -40,17 +40,24 @@ def auroc(labels, scores) -> float | None:
   return float(u / (n_pos * n_neg))
 
 
-def _descending_counts(labels, scores, weights_pos=None, weights_neg=None):
-  """Cumulative (positive, negative) weight above each distinct threshold, descending."""
+def _descending_counts(labels, scores, *weights):
+  """At each distinct threshold, descending: the threshold, the positives and the negatives at or
+  above it, and the sum there of each of `weights` (per-element arrays)."""
   order = np.argsort(-scores, kind="stable")
-  sorted_scores = scores[order]
-  pos = labels[order].astype(np.float64) if weights_pos is None else weights_pos[order]
-  neg = (~labels[order]).astype(np.float64) if weights_neg is None else weights_neg[order]
-  cum_pos = np.cumsum(pos)
-  cum_neg = np.cumsum(neg)
+  sorted_scores, sorted_labels = scores[order], labels[order]
   # Keep the last index of each run of equal scores: a threshold admits all tied pixels.
   last_of_run = np.r_[sorted_scores[1:] != sorted_scores[:-1], True]
-  return sorted_scores[last_of_run], cum_pos[last_of_run], cum_neg[last_of_run]
+  return (sorted_scores[last_of_run], np.cumsum(sorted_labels, dtype=np.int64)[last_of_run],
+          np.cumsum(~sorted_labels, dtype=np.int64)[last_of_run],
+          *(np.cumsum(w[order])[last_of_run] for w in weights))
+
+
+def _best_f1(tp, fp, n_pos) -> tuple:
+  """(index of the largest, F1 at each) along cumulative counts; F1 is 0 where precision and recall are."""
+  precision, recall = tp / (tp + fp), tp / n_pos
+  with np.errstate(invalid="ignore", divide="ignore"):
+    f1 = np.where(precision + recall > 0, 2 * precision * recall / (precision + recall), 0.0)
+  return int(np.argmax(f1)), f1
 
 
 def f1_max(labels, scores) -> tuple[float | None, float | None]:
@@ -60,11 +67,7 @@ def f1_max(labels, scores) -> tuple[float | None, float | None]:
   if n_pos == 0:
     return None, None
   thresholds, tp, fp = _descending_counts(labels, scores)
-  precision = tp / (tp + fp)
-  recall = tp / n_pos
-  with np.errstate(invalid="ignore", divide="ignore"):
-    f1 = np.where(precision + recall > 0, 2 * precision * recall / (precision + recall), 0.0)
-  best = int(np.argmax(f1))
+  best, f1 = _best_f1(tp, fp, n_pos)
   return float(f1[best]), float(thresholds[best])
 
 
@@ -140,25 +143,17 @@ def pixel_metrics(masks, maps, fpr_limit: float = 0.3) -> dict:
   scores = ravel(list(maps))
   if not np.issubdtype(scores.dtype, np.floating):
     scores = scores.astype(np.float64)
-  order = np.argsort(-scores, kind="stable")  # the scores' own dtype: the order float64 would give
-  sorted_scores, sorted_labels = scores[order], labels[order]
-  last_of_run = np.r_[sorted_scores[1:] != sorted_scores[:-1], True]  # a threshold admits all tied pixels
-  tp = np.cumsum(sorted_labels, dtype=np.int64)[last_of_run]
-  fp = np.cumsum(~sorted_labels, dtype=np.int64)[last_of_run]
-  thresholds = sorted_scores[last_of_run]
+  # The scores' own dtype: float32 maps sort as float64 would, in half the memory.
+  thresholds, tp, fp, region_cover = _descending_counts(labels, scores, weights)
   n_pos, n_neg = int(labels.sum()), int(labels.size - labels.sum())
   out = {"pixel_auroc": None, "aupro": None, "pixel_f1_max": None, "pixel_f1_max_threshold": None,
          "pixel_iou": None}
   if n_pos and n_neg:
     out["pixel_auroc"] = float(np.trapezoid(np.r_[0, tp] / n_pos, np.r_[0, fp] / n_neg))
   if num_regions and n_neg:
-    pro = np.cumsum(weights[order])[last_of_run] / num_regions
-    out["aupro"] = _pro_area(fp / n_neg, pro, fpr_limit)
+    out["aupro"] = _pro_area(fp / n_neg, region_cover / num_regions, fpr_limit)
   if n_pos:
-    precision, recall = tp / (tp + fp), tp / n_pos
-    with np.errstate(invalid="ignore", divide="ignore"):
-      f1 = np.where(precision + recall > 0, 2 * precision * recall / (precision + recall), 0.0)
-    best = int(np.argmax(f1))
+    best, f1 = _best_f1(tp, fp, n_pos)
     out["pixel_f1_max"], out["pixel_f1_max_threshold"] = float(f1[best]), float(thresholds[best])
     out["pixel_iou"] = float(tp[best] / (fp[best] + n_pos))
   return out
