@@ -239,9 +239,19 @@ def _validate_taps(config) -> None:
     raise ConfigError(f"model.layers {layers} must go from shallow to deep (strides {strides}).")
 
 
+def names(text: str) -> list:
+  """A comma list config value ('a, b,c') as its non-empty names."""
+  return [n.strip() for n in text.split(",") if n.strip()]
+
+
 def novel_categories(config) -> list:
   """data.novel_categories as a list of names."""
-  return [n.strip() for n in config.data.get("novel_categories", "").split(",") if n.strip()]
+  return names(config.data.get("novel_categories", ""))
+
+
+def paper_kfold_svm(config) -> list:
+  """eval.paper_kfold_svm as a list of alternative-score names ([] when off)."""
+  return names(config.get("eval", {}).get("paper_kfold_svm", ""))
 
 
 def validate(config) -> None:

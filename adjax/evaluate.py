@@ -9,7 +9,7 @@ import numpy as np
 from absl import logging
 from PIL import Image
 
-from adjax import io_utils, linear_svm, metrics, parallel, progress
+from adjax import configlib, io_utils, linear_svm, metrics, parallel, progress
 from adjax.data import pipeline, transforms
 from adjax.errors import ConfigError
 
@@ -165,7 +165,7 @@ def log_diagnostics(category, diagnostics, labels, config=None) -> dict:
   SVM on them fitted on the test labels by eval.paper_kfold_folds-fold cross-validation,
   out-of-fold scores only: a paper's protocol, reported under its own key, never the model's."""
   report = {}
-  names = [n.strip() for n in (config.eval.get("paper_kfold_svm", "") if config else "").split(",") if n.strip()]
+  names = configlib.paper_kfold_svm(config) if config else []
   if names:
     missing = [n for n in names if ALTERNATIVE_SCORE + n not in diagnostics]
     if missing:

@@ -97,7 +97,7 @@ def run(config, workdir: str, input_dir: str, output_dir: str = "", threshold: f
 
 def one_category(config) -> str:
   """The one trained category predict and export use: data.category's, or a folder root's own."""
-  categories = [c.strip() for c in config.data.category.split(",") if c.strip()]
+  categories = configlib.names(config.data.category)
   root = os.path.expanduser(config.data.root)
   if config.data.name == "folder" and root and os.path.isdir(os.path.join(root, "train")):
     categories = [os.path.basename(os.path.normpath(root))]  # one folder: one category

@@ -27,6 +27,7 @@ import os
 
 import numpy as np
 
+from adjax import configlib
 from adjax.data import transforms
 from adjax.errors import ConfigError, DataError
 
@@ -224,7 +225,7 @@ def categories_from_config(name: str, root: str, category: str) -> list:
     if name == "folder":
       return sorted(d for d in os.listdir(root) if os.path.isdir(os.path.join(root, d, "train")))
     return list_categories(name, root)
-  names = [c.strip() for c in category.split(",") if c.strip()]
+  names = configlib.names(category)
   if not names and name != "folder":
     raise ConfigError("data.category is empty: name a category, a comma list, or 'all'.")
   return names or [""]

@@ -96,7 +96,8 @@ class Method:
   @classmethod
   def check_alternative_scores(cls, config) -> None:
     """eval.paper_kfold_svm must name some of the method's alternative_scores, with 2 folds or more."""
-    wanted = [n.strip() for n in config.get("eval", {}).get("paper_kfold_svm", "").split(",") if n.strip()]
+    from adjax import configlib
+    wanted = configlib.paper_kfold_svm(config)
     folds = config.get("eval", {}).get("paper_kfold_folds", 5)
     if wanted and (set(wanted) - set(cls.alternative_scores) or folds < 2):
       raise ConfigError(f"eval.paper_kfold_svm={','.join(wanted)!r} with eval.paper_kfold_folds={folds}: "
