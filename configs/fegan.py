@@ -50,6 +50,7 @@ def get_config(arg: str = ""):
   m.max_patch_area = 0.01      # Sec. III-D: a single patch covers at most 1% of the image
   m.lambda_fea, m.lambda_con, m.lambda_adv = 30.0, 30.0, 1.0  # Sec. IV-C, eq. 5
   m.score_lambda = 0.6         # eq. 8's lambda (Sec. IV-C, Fig. 10)
+  m.score_scale = "image_max"  # F and R each divided by its mean training-image maximum before eq. 8 (see fegan.py)
   m.lr, m.weight_decay = 2e-4, 1e-5  # Sec. IV-C: Adam
   m.adam_b1, m.adam_b2, m.adam_eps = 0.9, 0.999, 1e-8  # not given in the paper: torch Adam's defaults
   c.data.name, c.data.category = "mvtec_ad", "all"

@@ -159,22 +159,30 @@ def test_score_is_eq_8_to_10_with_training_statistics():
   method = methods.build(small_config())
   f = jnp.asarray([[[2.0, 4.0], [0.0, 6.0]]])
   r = jnp.asarray([[[1.0, 1.0], [3.0, 0.0]]])
-  state = {"score_stats": {"f_mean": 2.0, "r_mean": 1.0, "s_min": 0.5, "s_max": 1.0}}  # from training images
+  state = {"score_stats": {"f_scale": 2.0, "r_scale": 1.0, "s_min": 0.5, "s_max": 1.0}}  # from training images
   s = np.asarray(method.combine(state, f, r))
   expected = ((0.6 * np.asarray(f) / 2.0 + 0.4 * np.asarray(r) / 1.0) - 0.5) / 0.5
   np.testing.assert_allclose(s, expected, rtol=1e-6)
   assert s.max() > 1.0  # a test map may leave the training range: no per-image normalisation
 
 
-def test_finalize_takes_the_statistics_from_the_training_batches():
-  method = methods.build(small_config())
+@pytest.mark.parametrize("kind", ["image_max", "mean"])
+def test_finalize_takes_the_statistics_from_the_training_batches(kind):
+  config = small_config()
+  config.model.score_scale = kind
+  method = methods.build(config)
   batch = _batch(method, n=6)
   state = _init(method, batch)
   state = method.finalize(state, [jax.tree.map(lambda a: a[:3], batch), jax.tree.map(lambda a: a[3:], batch)])
   f, r = (np.asarray(a) for a in method.maps(state, batch["images"], batch["features"]))
+  if kind == "image_max":  # each term's largest value per training image, averaged over the images
+    f_scale, r_scale = f.max(axis=(1, 2)).mean(), r.max(axis=(1, 2)).mean()
+    assert f_scale > f.mean() and r_scale > r.mean()
+  else:
+    f_scale, r_scale = f.mean(), r.mean()
   stats = {k: float(v) for k, v in state["score_stats"].items()}
-  np.testing.assert_allclose([stats["f_mean"], stats["r_mean"]], [f.mean(), r.mean()], rtol=1e-4)
-  s = 0.6 * f / f.mean() + 0.4 * r / r.mean()
+  np.testing.assert_allclose([stats["f_scale"], stats["r_scale"]], [f_scale, r_scale], rtol=1e-4)
+  s = 0.6 * f / f_scale + 0.4 * r / r_scale
   np.testing.assert_allclose([stats["s_min"], stats["s_max"]], [s.min(), s.max()], rtol=1e-4)
   scores, maps = method.score(state, batch, (32, 32))
   np.testing.assert_allclose(np.asarray(maps).min(), 0.0, atol=1e-4)  # the training images span [0, 1]
@@ -184,7 +192,7 @@ def test_finalize_takes_the_statistics_from_the_training_batches():
 def test_config_checks_name_the_key():
   from adjax.errors import ConfigError
   for key, value, named in (("augment", "blur", "model.augment"), ("encoder_init", "imagenet", "model.encoder_init"),
-                            ("layers", ("stage3",), "model.layers")):
+                            ("layers", ("stage3",), "model.layers"), ("score_scale", "max", "model.score_scale")):
     bad = small_config()
     bad.model[key] = value
     with pytest.raises(ConfigError, match=named):

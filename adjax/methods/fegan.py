@@ -32,10 +32,14 @@ M-SE (eq. 2, Sec. III-D) and Table 6's alternatives: adjax/data/augment.py, on t
 Score (Sec. III-F): eq. 6 F = per-location ||theta*(x) - theta(x)||_2, upsampled bilinearly to
 the image; eq. 7 R = per-pixel ||x - G(x)||_2 over the colour channels (at test time the
 generator sees the image itself: x~ = x); eq. 8 S = 0.6 F + 0.4 R. F and R live on different
-scales, so before eq. 8 each is divided by its mean over the training images' pixels, and
-eq. 9's min and max are those of S over the training images' pixels: read per test image,
-eq. 9 would make every image's maximum 1 and eq. 10's image score (max of S) meaningless.
-All of these statistics come from training images only (`finalize`).
+scales, so before eq. 8 each is divided by a scale taken from the training images
+(`model.score_scale`): 'image_max' (default), the mean over training images of the term's
+largest value in the image, so that lambda weights the two terms where eq. 10 reads S (its
+maximum); 'mean', the term's mean over the training pixels, under which R's isolated peaks
+(about 10x its mean on bottle, against F's 3x) decide every normal image's maximum whatever
+lambda says. Eq. 9's min and max are those of S over the training images' pixels: read per
+test image, eq. 9 would make every image's maximum 1 and eq. 10's image score (max of S)
+meaningless. All of these statistics come from training images only (`finalize`).
 """
 
 import flax.linen as nn
@@ -50,6 +54,7 @@ from adjax.data import augment
 from adjax.errors import ConfigError
 from adjax.methods import base
 
+SCORE_SCALES = ("image_max", "mean")  # how F and R are brought to one scale before eq. 8
 ROWS = ("full", "con", "con_mse", "con_mse_adv", "con_mse_fea")  # Table 7, top to bottom (full last there)
 
 
@@ -147,6 +152,8 @@ class FEGAN(base.Method):
       raise ConfigError(f"model.layers {tuple(m.layers)} of {m.backbone} is at stride "
                         f"{spec.strides[m.layers[0]]}; the generator's fifth block is at 1/16, so tap a layer "
                         "at stride 16 (VGG19 'stage5', EfficientNet-Lite 'stage5').")
+    if m.score_scale not in SCORE_SCALES:
+      raise ConfigError(f"model.score_scale must be one of {', '.join(SCORE_SCALES)}, not '{m.score_scale}'.")
     if not 0.0 <= m.score_lambda <= 1.0:
       raise ConfigError(f"model.score_lambda (eq. 8's lambda) must be in [0, 1], not {m.score_lambda}.")
 
@@ -241,9 +248,9 @@ class FEGAN(base.Method):
     return f, r
 
   def combine(self, state, f, r):
-    """eq. 8 on F and R divided by their training means, then eq. 9 with the training min and max."""
+    """eq. 8 on F and R divided by their training scales, then eq. 9 with the training min and max."""
     stats, lam = state["score_stats"], self.config.model.score_lambda
-    s = lam * f / stats["f_mean"] + (1.0 - lam) * r / stats["r_mean"]
+    s = lam * f / stats["f_scale"] + (1.0 - lam) * r / stats["r_scale"]
     return (s - stats["s_min"]) / jnp.maximum(stats["s_max"] - stats["s_min"], 1e-12)
 
   def score(self, state, inputs, image_shape):
@@ -252,7 +259,7 @@ class FEGAN(base.Method):
     return s.max(axis=(1, 2)), s  # eq. 10
 
   def finalize(self, state, batches):
-    """eq. 8-9's statistics from the training images: the means of F and R, then S's range."""
+    """eq. 8-9's statistics from the training images: the scales of F and R, then S's range."""
     maps = jax.jit(self.maps)
     fs, rs = [], []
     for batch in batches:
@@ -260,10 +267,16 @@ class FEGAN(base.Method):
       fs.append(np.asarray(f))
       rs.append(np.asarray(r))
     f, r = np.concatenate(fs), np.concatenate(rs)
-    lam = self.config.model.score_lambda
-    s = lam * f / f.mean() + (1.0 - lam) * r / r.mean()
-    stats = {"f_mean": f.mean(), "r_mean": r.mean(), "s_min": s.min(), "s_max": s.max()}
+    m = self.config.model
+    f_scale, r_scale = (scale(a, m.score_scale) for a in (f, r))
+    s = m.score_lambda * f / f_scale + (1.0 - m.score_lambda) * r / r_scale
+    stats = {"f_scale": f_scale, "r_scale": r_scale, "s_min": s.min(), "s_max": s.max()}
     return {**state, "score_stats": {k: jnp.asarray(v, jnp.float32) for k, v in stats.items()}}
+
+
+def scale(maps: np.ndarray, kind: str) -> float:
+  """A term's training scale over its (N, H, W) maps: the mean of the per-image maxima, or of all pixels."""
+  return float(maps.reshape(len(maps), -1).max(axis=1).mean() if kind == "image_max" else maps.mean())
 
 
 def _vgg19_encoder_params():
