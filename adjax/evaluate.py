@@ -113,16 +113,10 @@ def score_dataset(config, method, state, extractor, records, desc, scorer=None):
   return scored
 
 
-def take(values, selected):
-  """values[selected] for an array, or the selected items of a list (per-image maps of many sizes)."""
-  if isinstance(values, list):
-    return [values[i] for i in np.flatnonzero(selected)]
-  return values[selected]
-
-
-def _subset(scored, masks, sel, config) -> dict:
-  sub = metrics.evaluate(scored["labels"][sel], scored["scores"][sel], take(masks, sel) if masks is not None else None,
-                         take(scored["maps"], sel) if masks is not None else None, config.eval.pro_fpr_limit)
+def _subset(scored, pixels, sel, config) -> dict:
+  """The report's figures over the images `sel` selects; pixel ones from the category's sorted PixelSet."""
+  sub = metrics.evaluate(scored["labels"][sel], scored["scores"][sel],
+                         pixels=None if pixels is None else pixels.metrics(config.eval.pro_fpr_limit, sel))
   return {k: sub[k] for k in ("image_auroc", "pixel_auroc", "aupro", "num_images", "num_anomalous")}
 
 
@@ -136,19 +130,19 @@ def category_metrics(split, scored, config) -> dict:
   against every normal test image) and, where the data has subclasses, per subclass (seen
   and unseen), pooled over the seen and over the unseen ones, and Adapted-MoE's Table 1
   figure: the mean over unseen subclasses of each subclass's own AUROC."""
-  masks = scored["masks"] if split.has_masks else None
-  result = metrics.evaluate(scored["labels"], scored["scores"], masks, scored["maps"] if split.has_masks else None,
-                            config.eval.pro_fpr_limit)
+  pixels = metrics.PixelSet(scored["masks"], scored["maps"]) if split.has_masks else None
+  result = metrics.evaluate(scored["labels"], scored["scores"],
+                            pixels=None if pixels is None else pixels.metrics(config.eval.pro_fpr_limit))
   defect_types = np.array([r.defect_type for r in split.test])
   normal = scored["labels"] == 0
-  result["defect_types"] = {d: _subset(scored, masks, normal | (defect_types == d), config)
+  result["defect_types"] = {d: _subset(scored, pixels, normal | (defect_types == d), config)
                             for d in sorted(set(defect_types[~normal]))}
   if split.unseen_subclasses:
     subclass = np.array([r.subclass for r in split.test])
     unseen = np.isin(subclass, split.unseen_subclasses)
     for name, sel in (("seen", ~unseen), ("unseen", unseen)):
-      result[name] = _subset(scored, masks, sel, config)  # pooled over that group's images
-    result["subclasses"] = {c: {**_subset(scored, masks, subclass == c, config), "unseen": c in split.unseen_subclasses}
+      result[name] = _subset(scored, pixels, sel, config)  # pooled over that group's images
+    result["subclasses"] = {c: {**_subset(scored, pixels, subclass == c, config), "unseen": c in split.unseen_subclasses}
                             for c in sorted(set(subclass))}
     per_unseen = {c: v for c, v in result["subclasses"].items() if v["unseen"]}
     result["unseen_subclass_mean"] = {k: _mean_of(per_unseen, k) for k in ("image_auroc", "pixel_auroc")}

@@ -44,12 +44,16 @@ def _descending_counts(labels, scores, *weights):
   """At each distinct threshold, descending: the threshold, the positives and the negatives at or
   above it, and the sum there of each of `weights` (per-element arrays)."""
   order = np.argsort(-scores, kind="stable")
-  sorted_scores, sorted_labels = scores[order], labels[order]
+  return _counts_of_sorted(scores[order], labels[order], *(w[order] for w in weights))
+
+
+def _counts_of_sorted(sorted_scores, sorted_labels, *sorted_weights):
+  """_descending_counts of elements already in descending order of score."""
   # Keep the last index of each run of equal scores: a threshold admits all tied pixels.
   last_of_run = np.r_[sorted_scores[1:] != sorted_scores[:-1], True]
   return (sorted_scores[last_of_run], np.cumsum(sorted_labels, dtype=np.int64)[last_of_run],
           np.cumsum(~sorted_labels, dtype=np.int64)[last_of_run],
-          *(np.cumsum(w[order])[last_of_run] for w in weights))
+          *(np.cumsum(w)[last_of_run] for w in sorted_weights))
 
 
 def _best_f1(tp, fp, n_pos) -> tuple:
@@ -96,16 +100,16 @@ def _as_images(masks, maps):
 
 
 def _region_weights(masks):
-  """(per-pixel weight 1 / its ground-truth region's area (0 off regions), flat; number of regions)."""
-  weights, num_regions = [], 0
+  """(per-pixel weight 1 / its ground-truth region's area (0 off regions), flat; regions per image)."""
+  weights, regions = [], []
   for mask in masks:
     components, n = scipy.ndimage.label(np.asarray(mask).astype(bool))  # 4-connectivity, as the MVTec code
     areas = np.bincount(components.ravel())
     weight = np.zeros_like(areas, dtype=np.float64)
     weight[1:] = 1.0 / areas[1:]
     weights.append(weight[components].ravel())
-    num_regions += n
-  return np.concatenate(weights), num_regions
+    regions.append(n)
+  return np.concatenate(weights), np.asarray(regions, np.int64)
 
 
 def _pro_area(fpr, pro, fpr_limit):
@@ -137,30 +141,52 @@ def pixel_metrics(masks, maps, fpr_limit: float = 0.3) -> dict:
   that threshold) from one sort of the pixels: the same values as auroc, aupro, f1_max and iou
   (AUROC as the trapezoid under the ROC over distinct thresholds, which counts ties as half;
   IoU at a threshold t is TP(t) / (FP(t) + positives))."""
-  masks, maps = _as_images(masks, maps)
-  weights, num_regions = _region_weights(masks)
-  labels = ravel(list(masks)).astype(bool)
-  scores = ravel(list(maps))
-  if not np.issubdtype(scores.dtype, np.floating):
-    scores = scores.astype(np.float64)
-  # The scores' own dtype: float32 maps sort as float64 would, in half the memory.
-  thresholds, tp, fp, region_cover = _descending_counts(labels, scores, weights)
-  n_pos, n_neg = int(labels.sum()), int(labels.size - labels.sum())
-  out = {"pixel_auroc": None, "aupro": None, "pixel_f1_max": None, "pixel_f1_max_threshold": None,
-         "pixel_iou": None}
-  if n_pos and n_neg:
-    out["pixel_auroc"] = float(np.trapezoid(np.r_[0, tp] / n_pos, np.r_[0, fp] / n_neg))
-  if num_regions and n_neg:
-    out["aupro"] = _pro_area(fp / n_neg, region_cover / num_regions, fpr_limit)
-  if n_pos:
-    best, f1 = _best_f1(tp, fp, n_pos)
-    out["pixel_f1_max"], out["pixel_f1_max_threshold"] = float(f1[best]), float(thresholds[best])
-    out["pixel_iou"] = float(tp[best] / (fp[best] + n_pos))
-  return out
+  return PixelSet(masks, maps).metrics(fpr_limit)
 
 
-def evaluate(image_labels, image_scores, masks=None, maps=None, pro_fpr_limit: float = 0.3) -> dict:
-  """All report metrics for one category. Pixel metrics are None when `masks` is None.
+class PixelSet:
+  """A test set's pixels sorted once by descending score; `metrics` of the whole set or of any
+  subset of its images, whose pixels a stable filter of that order keeps in descending order
+  (one sort for a category's report and all its per-defect-type rows)."""
+
+  def __init__(self, masks, maps):
+    masks, maps = _as_images(masks, maps)
+    weights, self.regions = _region_weights(masks)
+    scores = ravel(list(maps))
+    if not np.issubdtype(scores.dtype, np.floating):
+      scores = scores.astype(np.float64)
+    # The scores' own dtype: float32 maps sort as float64 would, in half the memory.
+    order = np.argsort(-scores, kind="stable")
+    self.scores, self.weights = scores[order], weights[order]
+    self.labels = ravel(list(masks)).astype(bool)[order]
+    self.image = np.repeat(np.arange(len(masks), dtype=np.int32), [np.size(m) for m in masks])[order]
+
+  def metrics(self, fpr_limit: float = 0.3, images=None) -> dict:
+    """pixel_metrics' values over the images selected by `images` (a boolean mask over the
+    images), or over all of them."""
+    scores, labels, weights, num_regions = self.scores, self.labels, self.weights, int(self.regions.sum())
+    if images is not None:
+      images = np.asarray(images, bool)
+      keep = images[self.image]
+      scores, labels, weights, num_regions = scores[keep], labels[keep], weights[keep], int(self.regions[images].sum())
+    thresholds, tp, fp, region_cover = _counts_of_sorted(scores, labels, weights)
+    n_pos, n_neg = int(labels.sum()), int(labels.size - labels.sum())
+    out = {"pixel_auroc": None, "aupro": None, "pixel_f1_max": None, "pixel_f1_max_threshold": None,
+           "pixel_iou": None}
+    if n_pos and n_neg:
+      out["pixel_auroc"] = float(np.trapezoid(np.r_[0, tp] / n_pos, np.r_[0, fp] / n_neg))
+    if num_regions and n_neg:
+      out["aupro"] = _pro_area(fp / n_neg, region_cover / num_regions, fpr_limit)
+    if n_pos:
+      best, f1 = _best_f1(tp, fp, n_pos)
+      out["pixel_f1_max"], out["pixel_f1_max_threshold"] = float(f1[best]), float(thresholds[best])
+      out["pixel_iou"] = float(tp[best] / (fp[best] + n_pos))
+    return out
+
+
+def evaluate(image_labels, image_scores, masks=None, maps=None, pro_fpr_limit: float = 0.3, pixels=None) -> dict:
+  """All report metrics for one category. Pixel metrics are None when `masks` is None and no
+  `pixels` (a PixelSet's metrics, computed by the caller) are given.
 
   `f1_max` is the image-level F1-max; pixel F1-max and IoU at the pixel F1-max threshold
   are reported too. Both thresholds are read off the test set, as is standard for
@@ -179,7 +205,9 @@ def evaluate(image_labels, image_scores, masks=None, maps=None, pro_fpr_limit: f
       "num_images": int(np.asarray(image_labels).size),
       "num_anomalous": int(np.asarray(image_labels).astype(bool).sum()),
   }
-  if masks is not None:
+  if pixels is not None:
+    result.update(pixels)
+  elif masks is not None:
     result.update(pixel_metrics(masks, maps, pro_fpr_limit))
   return result
 

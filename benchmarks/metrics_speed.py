@@ -1,9 +1,11 @@
 r"""Pixel-metric speed at full resolution: metrics.pixel_metrics (one sort for pixel AUROC, AUPRO,
 pixel F1-max and IoU) against the same four computed one metric at a time (auroc's rank sort,
 f1_max's sort, iou's pass and aupro, itself pixel_metrics now: three sorts, as metrics.evaluate
-made before), same arrays, same run.
+made before), same arrays, same run. Then a category's report rows (the whole test set and each
+defect type's images against every normal image, as `evaluate.category_metrics` makes them):
+one metrics.PixelSet sorted once and filtered per row, against a pixel_metrics sort per row.
 
-  python benchmarks/metrics_speed.py [--images 60] [--side 900]
+  python benchmarks/metrics_speed.py [--images 60] [--side 900] [--defect-types 3]
 
 Synthetic maps (uniform noise, raised inside one rectangle per defective image) at MVTec bottle's
 900x900; values are checked equal before timing is reported.
@@ -30,6 +32,7 @@ def main():
   parser = argparse.ArgumentParser()
   parser.add_argument("--images", type=int, default=60)
   parser.add_argument("--side", type=int, default=900)
+  parser.add_argument("--defect-types", type=int, default=3, help="defect types the defective images are dealt to")
   args = parser.parse_args()
   rng = np.random.default_rng(0)
   n, side = args.images, args.side
@@ -49,6 +52,28 @@ def main():
     assert abs(shared[key] - value) <= 1e-9 * max(1.0, abs(value)), (key, shared[key], value)
   print(f"{'one metric at a time':<22} {n / reference_s:7.2f} img/s  {reference_s:7.1f} s")
   print(f"{'one sort (adjax)':<22} {n / shared_s:7.2f} img/s  {shared_s:7.1f} s  {reference_s / shared_s:5.2f}x")
+  # The report: the whole set, then each defect type's images with every normal one.
+  defective = np.arange(n // 3)
+  rows = [np.ones(n, bool)]
+  for t in range(args.defect_types):
+    row = np.zeros(n, bool)
+    row[n // 3:] = True  # the normal images
+    row[defective[t::args.defect_types]] = True
+    rows.append(row)
+  start = time.perf_counter()
+  per_row = [metrics.pixel_metrics([masks[i] for i in np.flatnonzero(r)], [maps[i] for i in np.flatnonzero(r)], 0.3)
+             for r in rows]
+  per_row_s = time.perf_counter() - start
+  start = time.perf_counter()
+  pixels = metrics.PixelSet(masks, maps)
+  filtered = [pixels.metrics(0.3, r) for r in rows]
+  filtered_s = time.perf_counter() - start
+  for own, got in zip(per_row, filtered):
+    for key, value in own.items():
+      assert abs(got[key] - value) <= 1e-9 * max(1.0, abs(value)), (key, got[key], value)
+  print(f"report: the whole set and {args.defect_types} defect types ({len(rows)} rows)")
+  print(f"{'a sort per row':<22} {per_row_s:7.1f} s")
+  print(f"{'one sort, filtered':<22} {filtered_s:7.1f} s  {per_row_s / filtered_s:5.2f}x")
   print(f"wall {time.perf_counter() - wall:.0f} s")
 
 

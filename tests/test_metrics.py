@@ -114,3 +114,22 @@ def test_one_sort_pixel_metrics_equal_each_metric_computed_alone():
   assert got["aupro"] == pytest.approx(_pro_reference(np.stack(masks), np.stack(maps), 0.3), abs=1e-9)
   none = metrics.pixel_metrics([np.zeros((3, 3))], [rng.random((3, 3))])
   assert none["pixel_auroc"] is None and none["aupro"] is None and none["pixel_f1_max"] is None
+
+
+def test_a_subset_of_the_sorted_pixels_equals_its_own_pixel_metrics():
+  rng = np.random.default_rng(6)
+  masks = [np.zeros(shape, np.uint8) for shape in ((8, 12), (10, 10), (6, 9), (10, 10), (7, 7))]  # sizes differ
+  masks[1][2:5, 3:7] = 1
+  masks[3][6:10, 1:3] = 1
+  masks[3][0:2, 5:7] = 1
+  masks[4][1:3, 1:3] = 1
+  maps = [np.round(rng.random(m.shape) + 0.4 * m, 1).astype(np.float32) for m in masks]  # ties across images
+  pixels = metrics.PixelSet(masks, maps)
+  assert pixels.metrics(0.3) == metrics.pixel_metrics(masks, maps, 0.3)
+  for selected in ([1, 1, 1, 0, 0], [1, 0, 0, 1, 1], [0, 1, 1, 1, 0], [0, 0, 0, 1, 1]):
+    own = metrics.pixel_metrics([m for m, s in zip(masks, selected) if s], [m for m, s in zip(maps, selected) if s], 0.3)
+    got = pixels.metrics(0.3, np.array(selected, bool))
+    assert got.keys() == own.keys()
+    for key in own:
+      assert got[key] == pytest.approx(own[key], abs=1e-12), key
+  assert pixels.metrics(0.3, np.array([1, 0, 1, 0, 0], bool))["pixel_auroc"] is None  # no defect pixel there
