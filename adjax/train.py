@@ -216,12 +216,8 @@ def _log_subclasses(category, subclass_ids, subclass):
     logging.info("%s: %d training subclasses %s", category, num_subclasses, dict(zip(names, counts.tolist())))
 
 
-def _fit_parts(config, method, extractor, split, key, scorer):
-  """What fitting one category needs besides its data: normalisation, subclass ids, the (init,
-  train, assign) keys and `calibrate`."""
-  subclass_ids = sorted({r.subclass for r in split.train})  # experts exist for seen subclasses only
-  keys = tuple(jax.random.split(key, 3))
-
+def _calibrator(config, method, extractor, split, scorer):
+  """`calibrate(state)`: the method's calibration on the category's calibration split (or the state unchanged)."""
   def calibrate(state):
     if not method.calibrates:
       return state
@@ -229,8 +225,18 @@ def _fit_parts(config, method, extractor, split, key, scorer):
                                     f"calibrating {split.category}", scorer)
     return method.calibrate(state, {"scores": scored["scores"], "maps": scored["input_maps"],
                                     "labels": scored["labels"], "images": scored["images"]})
+  return calibrate
 
-  return method.normalisation(extractor), subclass_ids, keys, calibrate
+
+def _subclass_ids(split) -> list:
+  return sorted({r.subclass for r in split.train})  # experts exist for seen subclasses only
+
+
+def _fit_parts(config, method, extractor, split, key, scorer):
+  """What fitting one category needs besides its data: normalisation, subclass ids, the (init,
+  train, assign) keys and `calibrate`."""
+  return (method.normalisation(extractor), _subclass_ids(split), tuple(jax.random.split(key, 3)),
+          _calibrator(config, method, extractor, split, scorer))
 
 
 def fit_category(config, method, extractor, split, key, workdir, scorer=None):
@@ -306,11 +312,11 @@ def _fit_shared(config, method, extractor, splits, workdir, scorer) -> dict:
   state = train_gradient(config, step, shared.training_set, shared.state, shared.train_key, workdir, name,
                          shared.frozen)
   for split in remaining:
-    _, subclass_ids, _, calibrate = _fit_parts(config, method, extractor, split, keys[0], scorer)
+    calibrate = _calibrator(config, method, extractor, split, scorer)
     if split.category in known:  # its rows of the shared training cache
       own, rows = shared.training_set, np.flatnonzero(shared.training_set.subclass == known.index(split.category))
     else:
-      own = caches.TrainingSet(config, method, extractor, split.train, subclass_ids, normalisation)
+      own = caches.TrainingSet(config, method, extractor, split.train, _subclass_ids(split), normalisation)
       rows = np.arange(len(split.train))
 
     def batches(own=own, rows=rows):

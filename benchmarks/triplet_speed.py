@@ -181,7 +181,11 @@ def main():
   torch.set_num_threads(os.cpu_count())
   torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
   images = np.random.default_rng(0).integers(0, 256, (batch, size, size, 3), dtype=np.uint8)
-  print(f"triplet, variant '{args.variant}': {size}x{size}, batch {batch} images (<= {batch * 16} triplets); jax "
+  m = config.model
+  dealt = sum(g * p for g, p in zip(methods.build(config).scale_groups(batch), m.patches_per_scale))
+  drawn = batch * sum(m.patches_per_scale) / len(m.patches_per_scale)
+  print(f"triplet, variant '{args.variant}': {size}x{size}, batch {batch} images (adjax {dealt} triplets, torch "
+        f"{drawn:g} on average); jax "
         f"{jax.__version__} ({jax.default_backend()}), torch {torch.__version__} ({device}, {torch.get_num_threads()} "
         f"threads); {args.steps} timed steps after {args.warmup}, {args.score_images} scored images", flush=True)
   wall = time.perf_counter()
