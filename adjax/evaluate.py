@@ -142,8 +142,8 @@ def category_metrics(split, scored, config) -> dict:
     unseen = np.isin(subclass, split.unseen_subclasses)
     for name, sel in (("seen", ~unseen), ("unseen", unseen)):
       result[name] = _subset(scored, pixels, sel, config)  # pooled over that group's images
-    result["subclasses"] = {c: {**_subset(scored, pixels, subclass == c, config), "unseen": c in split.unseen_subclasses}
-                            for c in sorted(set(subclass))}
+    result["subclasses"] = {c: {**_subset(scored, pixels, subclass == c, config),
+                                "unseen": c in split.unseen_subclasses} for c in sorted(set(subclass))}
     per_unseen = {c: v for c, v in result["subclasses"].items() if v["unseen"]}
     result["unseen_subclass_mean"] = {k: _mean_of(per_unseen, k) for k in ("image_auroc", "pixel_auroc")}
   return result

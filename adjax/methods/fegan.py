@@ -37,9 +37,10 @@ scales, so before eq. 8 each is divided by a scale taken from the training image
 largest value in the image, so that lambda weights the two terms where eq. 10 reads S (its
 maximum); 'mean', the term's mean over the training pixels, under which R's isolated peaks
 (far more above its mean than F's are above F's; benchmarks/README.md, FEGAN) decide every
-normal image's maximum whatever lambda says. Eq. 9's min and max are those of S over the training images' pixels: read per
-test image, eq. 9 would make every image's maximum 1 and eq. 10's image score (max of S)
-meaningless. All of these statistics come from training images only (`finalize`).
+normal image's maximum whatever lambda says. Eq. 9's min and max are those of S over the
+training images' pixels: read per test image, eq. 9 would make every image's maximum 1 and
+eq. 10's image score (max of S) meaningless. All of these statistics come from training images
+only (`finalize`).
 """
 
 import flax.linen as nn
