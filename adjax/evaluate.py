@@ -113,10 +113,18 @@ def score_dataset(config, method, state, extractor, records, desc, scorer=None):
   return scored
 
 
+def _evaluate(scored, pixels, config, sel=None) -> dict:
+  """metrics.evaluate over the images `sel` selects (all by default), the pixel figures from the
+  category's sorted PixelSet (None without masks)."""
+  sel = np.ones(len(scored["labels"]), bool) if sel is None else sel
+  result = metrics.evaluate(scored["labels"][sel], scored["scores"][sel])
+  if pixels is not None:
+    result.update(pixels.metrics(config.eval.pro_fpr_limit, sel))
+  return result
+
+
 def _subset(scored, pixels, sel, config) -> dict:
-  """The report's figures over the images `sel` selects; pixel ones from the category's sorted PixelSet."""
-  sub = metrics.evaluate(scored["labels"][sel], scored["scores"][sel],
-                         pixels=None if pixels is None else pixels.metrics(config.eval.pro_fpr_limit, sel))
+  sub = _evaluate(scored, pixels, config, sel)
   return {k: sub[k] for k in ("image_auroc", "pixel_auroc", "aupro", "num_images", "num_anomalous")}
 
 
@@ -131,8 +139,7 @@ def category_metrics(split, scored, config) -> dict:
   and unseen), pooled over the seen and over the unseen ones, and Adapted-MoE's Table 1
   figure: the mean over unseen subclasses of each subclass's own AUROC."""
   pixels = metrics.PixelSet(scored["masks"], scored["maps"]) if split.has_masks else None
-  result = metrics.evaluate(scored["labels"], scored["scores"],
-                            pixels=None if pixels is None else pixels.metrics(config.eval.pro_fpr_limit))
+  result = _evaluate(scored, pixels, config)
   defect_types = np.array([r.defect_type for r in split.test])
   normal = scored["labels"] == 0
   result["defect_types"] = {d: _subset(scored, pixels, normal | (defect_types == d), config)

@@ -184,9 +184,8 @@ class PixelSet:
     return out
 
 
-def evaluate(image_labels, image_scores, masks=None, maps=None, pro_fpr_limit: float = 0.3, pixels=None) -> dict:
-  """All report metrics for one category. Pixel metrics are None when `masks` is None and no
-  `pixels` (a PixelSet's metrics, computed by the caller) are given.
+def evaluate(image_labels, image_scores, masks=None, maps=None, pro_fpr_limit: float = 0.3) -> dict:
+  """All report metrics for one category. Pixel metrics are None when `masks` is None.
 
   `f1_max` is the image-level F1-max; pixel F1-max and IoU at the pixel F1-max threshold
   are reported too. Both thresholds are read off the test set, as is standard for
@@ -205,9 +204,7 @@ def evaluate(image_labels, image_scores, masks=None, maps=None, pro_fpr_limit: f
       "num_images": int(np.asarray(image_labels).size),
       "num_anomalous": int(np.asarray(image_labels).astype(bool).sum()),
   }
-  if pixels is not None:
-    result.update(pixels)
-  elif masks is not None:
+  if masks is not None:
     result.update(pixel_metrics(masks, maps, pro_fpr_limit))
   return result
 
