@@ -19,7 +19,7 @@ Two rows per side, and the ratios between them:
                    loop does, caches.TrainingSet): the same work on both sides.
 "adjax as it trains vs torch as written" is adjax's cached row against torch's FEN-every-step
 row. PyTorch's M-SE is the direct form (per image and patch, a slice copy with jitter), on the
-same device as its networks. On a GPU both sides run there (torch in float32, TF32 off).
+same device as its networks. On a GPU both sides run there (float32; --precision tf32 lets both use TF32).
 """
 
 import argparse
@@ -175,6 +175,8 @@ def main():
   parser.add_argument("--size", type=int, default=None, help="default: the variant's input side")
   parser.add_argument("--steps", type=int, default=5)
   parser.add_argument("--warmup", type=int, default=2)
+  parser.add_argument("--precision", default="float32", choices=timing.PRECISIONS,
+                      help="float32 matmul/conv precision on both sides (timing.set_precision)")
   args = parser.parse_args()
   config = fegan_config.get_config(args.variant)
   config.model.backbone_weights, config.model.encoder_init = "random", "scratch"
@@ -183,12 +185,13 @@ def main():
   batch, size = args.batch or config.train.batch_size, configlib.input_size(config)
   device = "cuda" if torch.cuda.is_available() else "cpu"
   torch.set_num_threads(os.cpu_count())
-  torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
+  timing.set_precision(args.precision)
   images = np.random.default_rng(0).integers(0, 256, (batch, size, size, 3), dtype=np.uint8)
   print(f"FEGAN step, variant '{args.variant}': FEN {config.model.backbone} {config.model.layers[0]}, width "
         f"{config.model.width}, {size}x{size}, batch {batch}; jax {jax.__version__} ({jax.default_backend()}), "
         f"torch {torch.__version__} ({device}, {torch.get_num_threads()} threads); {args.steps} timed steps after "
-        f"{args.warmup}", flush=True)
+        f"{args.warmup}"
+        f"; precision {args.precision}", flush=True)
   wall = time.perf_counter()
   adjax_cached, features = time_adjax(config, images, args.steps, args.warmup, fen_every_step=False)
   adjax_fen = time_adjax(config, images, args.steps, args.warmup, fen_every_step=True)[0]

@@ -40,3 +40,19 @@ def row(name, images, seconds, reference_seconds=None):
   if reference_seconds is not None:
     line += f"  {reference_seconds / seconds:6.2f}x vs torch"
   return line
+
+
+PRECISIONS = ("float32", "tf32")
+
+
+def set_precision(mode):
+  """The same float32 matmul/convolution precision on both sides: 'float32' (full; TF32 off in
+  PyTorch, 'highest' in JAX, whose GPU default would use TF32) or 'tf32' (both allowed TF32,
+  JAX's GPU default). On a CPU both modes compute in float32."""
+  import jax  # noqa: PLC0415
+  import torch  # noqa: PLC0415
+  if mode not in PRECISIONS:
+    raise ValueError(f"--precision must be one of {PRECISIONS}, not {mode!r}")
+  tf32 = mode == "tf32"
+  torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = tf32
+  jax.config.update("jax_default_matmul_precision", "tensorfloat32" if tf32 else "highest")

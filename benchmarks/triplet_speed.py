@@ -13,7 +13,7 @@ Adam. Printed as training patches/s (triplets x 3 patches, counted alike on both
 Scoring: grayscale + min-max, the network over a whole 1024x1024 image (481x481x16), the
 distance to a prototype map, its mean and max; test images/s.
 Random weights and pixels: timing does not depend on them. On a GPU both sides run there
-(torch in float32, TF32 off).
+(float32; --precision tf32 lets both use TF32).
 """
 
 import argparse
@@ -171,6 +171,8 @@ def main():
   parser.add_argument("--steps", type=int, default=3)
   parser.add_argument("--warmup", type=int, default=1)
   parser.add_argument("--score-images", type=int, default=4, help="timed 1-image scoring calls")
+  parser.add_argument("--precision", default="float32", choices=timing.PRECISIONS,
+                      help="float32 matmul/conv precision on both sides (timing.set_precision)")
   args = parser.parse_args()
   config = triplet_config.get_config(args.variant)
   if args.size:
@@ -179,7 +181,7 @@ def main():
   config.train.batch_size = batch
   device = "cuda" if torch.cuda.is_available() else "cpu"
   torch.set_num_threads(os.cpu_count())
-  torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
+  timing.set_precision(args.precision)
   images = np.random.default_rng(0).integers(0, 256, (batch, size, size, 3), dtype=np.uint8)
   m = config.model
   dealt = sum(g * p for g, p in zip(methods.build(config).scale_groups(batch), m.patches_per_scale))
@@ -187,7 +189,8 @@ def main():
   print(f"triplet, variant '{args.variant}': {size}x{size}, batch {batch} images (adjax {dealt} triplets, torch "
         f"{drawn:g} on average); jax "
         f"{jax.__version__} ({jax.default_backend()}), torch {torch.__version__} ({device}, {torch.get_num_threads()} "
-        f"threads); {args.steps} timed steps after {args.warmup}, {args.score_images} scored images", flush=True)
+        f"threads); {args.steps} timed steps after {args.warmup}, {args.score_images} scored images"
+        f"; precision {args.precision}", flush=True)
   wall = time.perf_counter()
   adjax_step, state, adjax_valid = time_adjax(config, images, args.steps, args.warmup)
   torch_step, torch_valid = time_torch(config, images, args.steps, args.warmup, device)
