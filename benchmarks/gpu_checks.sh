@@ -49,6 +49,7 @@ case $part in
     step 150 train_speed_cold python3 benchmarks/train_speed.py --root $data --measure-epochs 3 "${official[@]}"
     step 120 train_speed_warm python3 benchmarks/train_speed.py --root $data --measure-epochs 3
     unset JAX_COMPILATION_CACHE_DIR
+    export XLA_PYTHON_CLIENT_MEM_FRACTION=0.9  # JAX alone there; its feature caches take up to 64 GiB
     step 300 all_categories python3 benchmarks/all_categories.py --config simplenet.py:mvtec_ad --bottle-copies 15 \
       --mvtec $data --workdir /tmp/all_categories --set model.backbone_weights=random \
       --set train.feature_cache_device_mb=65536
