@@ -190,8 +190,7 @@ def main():
   print(f"FEGAN step, variant '{args.variant}': FEN {config.model.backbone} {config.model.layers[0]}, width "
         f"{config.model.width}, {size}x{size}, batch {batch}; jax {jax.__version__} ({jax.default_backend()}), "
         f"torch {torch.__version__} ({device}, {torch.get_num_threads()} threads); {args.steps} timed steps after "
-        f"{args.warmup}"
-        f"; precision {args.precision}", flush=True)
+        f"{args.warmup}; precision {args.precision}", flush=True)
   wall = time.perf_counter()
   adjax_cached, features = time_adjax(config, images, args.steps, args.warmup, fen_every_step=False)
   adjax_fen = time_adjax(config, images, args.steps, args.warmup, fen_every_step=True)[0]

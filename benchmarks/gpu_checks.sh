@@ -4,7 +4,8 @@
 #              the paper's VGG19 and full width (float32, then TF32); FEGAN's full-width 200-epoch
 #              schedule on bottle with the offline Lite0 FEN (VGG19's weights cannot reach the machine).
 #   triplet    issue 17: the bottle-only triplet network at 450 epochs (~2,700 steps, the paper's
-#              11-class step count), 40 (the default) and 150: is the gap to 0.90 under-training?
+#              11-class step count), 40 (the paper's epochs) and 150 (the variant's default is 100):
+#              is the gap to 0.90 under-training?
 #   simplenet  issue 22: train_speed.py's SimpleNet bottle protocol against PyTorch (and, when
 #              .gpu/SimpleNet holds DonaldRR/SimpleNet, its official step), cold then warm compilation
 #              cache; all_categories.py with 15 bottle-sized categories, together vs one after another.

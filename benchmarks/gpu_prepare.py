@@ -89,8 +89,10 @@ def main():
   if args.part == "simplenet" and args.official:
     dst = os.path.join(OUT, "SimpleNet")
     if os.path.isdir(os.path.join(args.official, "objects")):  # a bare git directory: its newest tree
-      os.makedirs(dst)
-      subprocess.run(f"git --git-dir={args.official} archive HEAD | tar -x -C {dst}", shell=True, check=True)
+      archive = os.path.join(OUT, "SimpleNet.tar")
+      subprocess.run(["git", f"--git-dir={args.official}", "archive", f"--output={archive}", "HEAD"], check=True)
+      shutil.unpack_archive(archive, dst)
+      os.remove(archive)
     else:
       shutil.copytree(args.official, dst, ignore=shutil.ignore_patterns(".git"))
   size = sum(os.path.getsize(os.path.join(d, f)) for d, _, fs in os.walk(OUT) for f in fs)

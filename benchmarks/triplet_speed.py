@@ -189,8 +189,8 @@ def main():
   print(f"triplet, variant '{args.variant}': {size}x{size}, batch {batch} images (adjax {dealt} triplets, torch "
         f"{drawn:g} on average); jax "
         f"{jax.__version__} ({jax.default_backend()}), torch {torch.__version__} ({device}, {torch.get_num_threads()} "
-        f"threads); {args.steps} timed steps after {args.warmup}, {args.score_images} scored images"
-        f"; precision {args.precision}", flush=True)
+        f"threads); {args.steps} timed steps after {args.warmup}, {args.score_images} scored images; "
+        f"precision {args.precision}", flush=True)
   wall = time.perf_counter()
   adjax_step, state, adjax_valid = time_adjax(config, images, args.steps, args.warmup)
   torch_step, torch_valid = time_torch(config, images, args.steps, args.warmup, device)
