@@ -115,7 +115,8 @@ _TRAINING_KEYS = ["data.name", "data.root", "train.batch_size", "seed"]
 
 
 # Keys added to configlib.base() after workdirs were written: a config.json without them had their default.
-_ADDED_DEFAULTS = {"train.shared_model": False, "data.novel_categories": ""}
+_ADDED_DEFAULTS = {"train.shared_model": False, "data.novel_categories": "", "model.calibration_fill": "noise",
+                   "model.distance_scale": "none"}
 
 
 def _value(config: dict, key: str):
@@ -139,7 +140,7 @@ def check_run_config(workdir, config, mode="eval"):
   trained = json.load(open(path))
   current = json.loads(config.to_json_best_effort())
   differing = [f"model.{k}" for k in sorted(set(trained["model"]) | set(current["model"]))
-               if trained["model"].get(k) != current["model"].get(k)]
+               if _value(trained, f"model.{k}") != _value(current, f"model.{k}")]
   keys = _SCORING_KEYS + (_TRAINING_KEYS if mode == "train" else [])
   differing += [k for k in keys if _value(trained, k) != _value(current, k)]
   if differing:

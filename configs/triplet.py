@@ -7,7 +7,8 @@ Usage:
   python -m adjax.main --config=configs/triplet.py:mvtec_ad_bottle --config.data.root=../shared/data/mvtec_ad \
       --workdir=runs/triplet_bottle
 
-Variant: '<dataset>[,score=<image score>][,svm=paper]' (configlib.parse_arg's grammar).
+Variant: '<dataset>[,score=<image score>][,svm=paper][,distance=plain][,fill=noise]' (configlib.parse_arg's
+grammar).
   dataset: '' (built-in dataset at 128x128, a few minutes on 2 CPU cores: one network trained
            on cloth and wood, metal novel), 'mvtec_ad' (the paper's protocol, Sec. III-A: one
            network trained on the 11 known classes, half of each one's normal training images
@@ -21,6 +22,13 @@ Variant: '<dataset>[,score=<image score>][,svm=paper]' (configlib.parse_arg's gr
   score:   'svm' (default: Sec. III-E's hard-margin (C = 1e8) linear SVM on the distance map's mean and max), 'mean'
            or 'max' (the raw statistic, no fit; for a trained workdir, --mode=eval with
            --config.model.image_score=mean scores it without retraining).
+  distance: 'spread' (default, ours: each location's Euclidean distance to the prototype divided by
+           the training images' root mean square distance there plus its mean over the map) or
+           'plain' (the paper's Euclidean distance as it is).
+  fill:    the SVM's negatives, held-out normals with one rectangle replaced: 'copy' (default,
+           ours: by another rectangle of the same image, CutPaste) or 'noise' (uniform noise, random
+           erasing as in training). 'distance=plain,fill=noise' is the paper's scoring with adjax's
+           non-leaky SVM as it was before 2026-12-04.
   svm:     'paper' also reports the paper's own protocol, clearly labelled: a linear SVM on the
            raw (mean, max) fitted on the TEST labels by 5-fold cross-validation, out-of-fold
            scores only, as `image_auroc_paper_kfold_svm` beside the model's metrics (which it
@@ -35,11 +43,13 @@ DATASETS = ("", "mvtec_ad", "mvtec_ad_bottle")
 # Sec. III-A: tested only; bottle, cable, capsule, carpet, grid, hazelnut, leather, metal_nut, pill,
 # screw and transistor are the known classes.
 MVTEC_NOVEL = ("tile", "toothbrush", "wood", "zipper")
-VARIANTS = DATASETS + ("score=mean", "mvtec_ad,score=max", "mvtec_ad,svm=paper")
+VARIANTS = DATASETS + ("score=mean", "mvtec_ad,score=max", "mvtec_ad,svm=paper",
+                       "mvtec_ad_bottle,distance=plain,fill=noise")
 
 
 def get_config(arg: str = ""):
-  v = configlib.parse_arg(arg, "triplet.py", DATASETS, score=("svm", "mean", "max"), svm=("normals", "paper"))
+  v = configlib.parse_arg(arg, "triplet.py", DATASETS, score=("svm", "mean", "max"), svm=("normals", "paper"),
+                         distance=("spread", "plain"), fill=("copy", "noise"))
   c = configlib.base()
   m = c.model
   m.name = "triplet"
@@ -55,7 +65,13 @@ def get_config(arg: str = ""):
   m.adam_b1, m.adam_b2, m.adam_eps = 0.9, 0.999, 1e-7  # not given: Keras Adam's defaults (the paper used Keras)
   m.image_score = v.score
   # Sec. III-E's SVM: linear, C = 1e8, i.e. a hard margin; adjax.linear_svm.linear_svm solves that limit.
+  # Ours (the paper's distance is plain Euclidean, 'none'): each location's distance divided by the
+  # training images' spread there (methods/triplet.py); benchmarks/README.md, triplet, for how it was chosen.
+  m.distance_scale = {"spread": "spread", "plain": "none"}[v.distance]
   m.calibration_copies = 4                 # erased copies per held-out normal image for the SVM
+  # Their rectangles: the image's own pixels from elsewhere ('copy', CutPaste; ours) or uniform noise
+  # ('noise', random erasing as in training).
+  m.calibration_fill = v.fill
   m.svm_nonnegative = True                 # ours: the SVM's weights >= 0 (methods/triplet.py's docstring)
   c.data.name, c.data.category = "mvtec_ad", "all"
   c.train.shared_model = True              # Sec. III-A: one network trained on the known classes together

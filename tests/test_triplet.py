@@ -2,6 +2,8 @@
 random erasing, training objective, prototype and distance map, the SVM and its calibration
 split, which never holds a test image."""
 
+import json
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -46,6 +48,22 @@ def test_random_erasing_changes_pixels_only_inside_its_rectangle():
   assert np.asarray(windowed).sum(axis=(1, 2)).max() <= 0.45 * 16 * 16  # area relative to a 16-pixel window
 
 
+def test_copy_fill_pastes_a_rectangle_of_the_same_image():
+  x = jax.random.uniform(jax.random.key(0), (6, 40, 48, 1))
+  y, mask = augment.random_erasing(x, jax.random.key(1), fill="copy")
+  x, y, mask = np.asarray(x), np.asarray(y), np.asarray(mask)
+  np.testing.assert_array_equal(y[~mask], x[~mask])
+  for image, out, m in zip(x, y, mask):  # the rectangle holds an equally large rectangle of the same image
+    rows, cols = np.flatnonzero(m.any(axis=1)), np.flatnonzero(m.any(axis=0))
+    patch = out[rows[0]:rows[-1] + 1, cols[0]:cols[-1] + 1]
+    h, w = patch.shape[:2]
+    sources = [(i, j) for i in range(40 - h + 1) for j in range(48 - w + 1)
+               if np.array_equal(image[i:i + h, j:j + w], patch)]
+    assert sources
+  with pytest.raises(ValueError, match="fill"):
+    augment.random_erasing(jnp.asarray(x), jax.random.key(1), fill="zeros")
+
+
 def _toy_config(**model):
   c = triplet_config.get_config("")
   c.data.image_size = 64
@@ -88,7 +106,7 @@ def test_triplet_loss_trains_the_aim_not_the_literal_target():
 
 
 def test_prototype_is_the_per_location_mean_and_the_map_its_distance_placed_at_window_centres():
-  c = _toy_config()
+  c = _toy_config(distance_scale="none")  # the paper's plain distance
   c.data.image_size = 72
   method = methods.build(c)
   images = _stripes(6)
@@ -110,6 +128,26 @@ def test_prototype_is_the_per_location_mean_and_the_map_its_distance_placed_at_w
   placed = np.asarray(triplet.window_map(jnp.asarray(hot), 72, 64))[0]
   rows, cols = np.nonzero(placed == placed.max())
   assert set(rows) == {35, 36} and set(cols) == {33, 34}
+
+
+@pytest.mark.parametrize("shared", [False, True])
+def test_spread_scaling_divides_each_distance_by_the_training_rms_distance_there_plus_its_mean(shared):
+  c = _toy_config(distance_scale="spread")
+  c.data.image_size = 72
+  c.train.shared_model = shared
+  method = methods.build(c)
+  images = _stripes(6, seed=3)
+  images = np.concatenate([images, images[:, :8]], axis=1)
+  images = np.concatenate([images, images[:, :, :8]], axis=2)  # 72 x 72
+  state = method.init({"images": images[:1]}, jax.random.key(0))
+  assert ("spread" in state) == (not shared)  # a shared training checkpoint holds no finalize output
+  state = method.finalize(state, [{"images": images[:4]}, {"images": images[4:]}])
+  embeddings = np.asarray(method.embed(state["params"], triplet.grayscale(jnp.asarray(images))), np.float64)
+  distance = np.linalg.norm(embeddings - embeddings.mean(axis=0), axis=-1)
+  rms = np.sqrt((distance ** 2).mean(axis=0))
+  np.testing.assert_allclose(np.asarray(state["spread"]), rms + rms.mean(), rtol=1e-4)
+  scaled = np.asarray(method.distances(state, triplet.grayscale(jnp.asarray(images))))
+  np.testing.assert_allclose(scaled, distance / (rms + rms.mean()), rtol=1e-4, atol=1e-6)
 
 
 def test_linear_svm_is_the_hard_margin_separator_and_keeps_its_sign_when_classes_overlap():
@@ -159,8 +197,9 @@ def test_default_calibration_holds_out_training_normals_and_never_a_test_image(s
   assert {r.path for r in split.test} == test_paths  # every test image is still scored
 
 
-def test_calibrate_fits_the_svm_on_normals_against_their_erased_copies():
-  c = _toy_config()
+@pytest.mark.parametrize("fill", ["noise", "copy"])
+def test_calibrate_fits_the_svm_on_normals_against_their_erased_copies(fill):
+  c = _toy_config(calibration_fill=fill)
   method = methods.build(c)
   images = _stripes(8)
   state = method.init({"images": images[:1]}, jax.random.key(0))
@@ -192,7 +231,9 @@ def test_the_known_class_protocol_moves_half_the_training_normals_to_the_test_se
 
 @pytest.mark.parametrize("bad,match", [({"image_score": "median"}, "model.image_score"),
                                        ({"scales": (1.0, 0.25)}, "model.scales"),
-                                       ({"patch_size": 32}, "model.patch_size")])
+                                       ({"patch_size": 32}, "model.patch_size"),
+                                       ({"calibration_fill": "zeros"}, "model.calibration_fill"),
+                                       ({"distance_scale": "std"}, "model.distance_scale")])
 def test_bad_keys_are_named(bad, match):
   from adjax.errors import ConfigError
   with pytest.raises(ConfigError, match=match):
@@ -211,6 +252,8 @@ def _small_run_config(root, epochs):
 _DEVICES_SCRIPT = """
 import json, sys
 sys.path.insert(0, {tests!r})
+import json
+
 import jax
 from adjax import train
 from test_triplet import _small_run_config
@@ -431,3 +474,18 @@ def test_shared_training_killed_and_resumed_ends_with_the_uninterrupted_states(t
     resumed = jax.device_get(checkpoints.restore(str(tmp_path / "resumed"), c)["state"])
     for a, b in zip(jax.tree.leaves(straight), jax.tree.leaves(resumed)):
       np.testing.assert_array_equal(np.asarray(a), np.asarray(b), err_msg=c)
+
+
+def test_a_workdir_from_before_the_scoring_keys_reads_as_plain_distance_and_noise_fill(tmp_path):
+  from adjax import checkpoints, json_config
+  old = triplet_config.get_config("distance=plain,fill=noise")
+  written = json.loads(old.to_json_best_effort())
+  del written["model"]["distance_scale"], written["model"]["calibration_fill"]  # as written before the keys
+  (tmp_path / "config.json").write_text(json.dumps(written))
+  checkpoints.check_run_config(str(tmp_path), old)  # the settings it was trained with: accepted
+  with pytest.raises(ConfigError, match="model.calibration_fill, model.distance_scale"):
+    checkpoints.check_run_config(str(tmp_path), triplet_config.get_config(""))  # today's defaults: refused
+  reloaded = json_config.get_config(str(tmp_path / "config.json"))
+  assert triplet.distance_scale(reloaded) == "none" and triplet.calibration_fill(reloaded) == "noise"
+  method = methods.build(reloaded)
+  assert "spread" not in method.init({"images": np.zeros((1, 128, 128, 3), np.float32)}, jax.random.key(0))

@@ -117,11 +117,15 @@ def stripe_mask(images, key, widths=(2, 4, 8, 16), stripes=4):
   return jnp.where(mask[..., None], 0.0, images), mask
 
 
-def random_erasing(images, key, area_range=(0.02, 0.4), aspect_range=(0.3, 1 / 0.3), window=None):
+def random_erasing(images, key, area_range=(0.02, 0.4), aspect_range=(0.3, 1 / 0.3), window=None, fill="noise"):
   """Random erasing (Zhong et al. 2020, Alg. 1): one rectangle per image of area_range of the
   area (of a window x window square when `window` (B,) pixels is given, else of the image) and
   aspect ratio uniform in aspect_range, at a uniform position, filled with uniform noise in
-  [0, 1]. Alg. 1 redraws a rectangle that does not fit; here its sides are clipped to the image."""
+  [0, 1] (fill='noise'), or with the same image's pixels of another rectangle of its size at a
+  uniform position (fill='copy': CutPaste, Li et al. 2021, a defect made of the image's own
+  content). Alg. 1 redraws a rectangle that does not fit; here its sides are clipped to the image."""
+  if fill not in ("noise", "copy"):
+    raise ValueError(f"random_erasing's fill must be 'noise' or 'copy', not {fill!r}")
   b, h, w, c = images.shape
   k_area, k_aspect, k_y, k_x, k_fill = jax.random.split(key, 5)
   base = jnp.full((b,), float(h * w)) if window is None else jnp.asarray(window, jnp.float32) ** 2
@@ -132,8 +136,17 @@ def random_erasing(images, key, area_range=(0.02, 0.4), aspect_range=(0.3, 1 / 0
   y0 = (jax.random.uniform(k_y, (b,)) * (h - heights + 1)).astype(jnp.int32)
   x0 = (jax.random.uniform(k_x, (b,)) * (w - widths + 1)).astype(jnp.int32)
   mask = _inside(y0, x0, heights, widths, h, w)
-  noise = jax.random.uniform(k_fill, images.shape, images.dtype)
-  return jnp.where(mask[..., None], noise, images), mask
+  if fill == "noise":
+    source = jax.random.uniform(k_fill, images.shape, images.dtype)
+  else:
+    k_sy, k_sx = jax.random.split(k_fill)
+    sy = (jax.random.uniform(k_sy, (b,)) * (h - heights + 1)).astype(jnp.int32)
+    sx = (jax.random.uniform(k_sx, (b,)) * (w - widths + 1)).astype(jnp.int32)
+    # Pixel (y, x) of the rectangle is pixel (y - y0 + sy, x - x0 + sx) of the same image.
+    rows = jnp.clip(jnp.arange(h)[None] - y0[:, None] + sy[:, None], 0, h - 1)
+    cols = jnp.clip(jnp.arange(w)[None] - x0[:, None] + sx[:, None], 0, w - 1)
+    source = jax.vmap(lambda img, r, cc: img[r][:, cc])(images, rows, cols)
+  return jnp.where(mask[..., None], source, images), mask
 
 
 def none(images, key):

@@ -44,12 +44,20 @@ Score: the per-location Euclidean distance to the prototype is the anomaly map (
 centre of each location's 64x64 window, so that it covers the image as the network sees it);
 the image score is a linear SVM (C = 1e8) on the map's mean and max. The paper fits that SVM on
 the labelled test images; adjax fits it (`calibrate`) on normal training images held out of
-training (data.calibration_fraction) against random-erased copies of them, so no real defect
-and no test label is ever seen. Erased copies are separated by a peak (their max rises far more
-than their mean), so an unconstrained fit learns max minus mean, which ranks an image that is
-farther from the prototype everywhere as more normal; model.svm_nonnegative (our choice, on by
-default) keeps both weights >= 0, as befits two distances. model.image_score='mean' or 'max'
-scores by the raw statistic.
+training (data.calibration_fraction) against copies of them with one rectangle replaced, so no
+real defect and no test label is ever seen. The rectangle is drawn as random erasing's and
+filled (model.calibration_fill) with another rectangle of the same image ('copy', CutPaste, Li
+et al. 2021: a defect made of the image's own content; our default) or with uniform noise
+('noise', the training negatives' fill). Noise-filled copies are separated by a peak (their max
+rises far more than their mean), so an unconstrained fit learns max minus mean, which ranks an
+image that is farther from the prototype everywhere as more normal; model.svm_nonnegative (our
+choice, on by default) keeps both weights >= 0, as befits two distances. model.image_score='mean'
+or 'max' scores by the raw statistic.
+Distance scale (model.distance_scale, ours; the paper's distance is plain Euclidean, 'none'):
+'spread' (default) divides each location's distance by the training images' root mean square
+distance to the prototype there plus that spread's mean over the map, so that the locations where
+normal images vary (an object's rim when it sits a little off centre) do not set every image's
+maximum, and a location where they never vary is scaled as an average one, not by ~0.
 """
 
 import flax.linen as nn
@@ -65,6 +73,8 @@ from adjax.linear_svm import linear_svm
 from adjax.methods import base
 
 IMAGE_SCORES = ("svm", "mean", "max")
+CALIBRATION_FILLS = ("noise", "copy")  # the SVM's negatives: augment.random_erasing's fill
+DISTANCE_SCALES = ("none", "spread")  # `finalize`
 
 
 def output_side(side: int, stem: int = 3, blocks: int = 7) -> int:
@@ -128,6 +138,16 @@ class Embedding(nn.Module):
     return x
 
 
+def distance_scale(config) -> str:
+  """model.distance_scale; a workdir's config.json written before the key existed had 'none'."""
+  return config.model.get("distance_scale", "none")
+
+
+def calibration_fill(config) -> str:
+  """model.calibration_fill; a workdir's config.json written before the key existed had 'noise'."""
+  return config.model.get("calibration_fill", "noise")
+
+
 def grayscale(images):
   """(B, H, W, 3) RGB in [0, 1] -> (B, H, W, 1) luma, min-max scaled per image (Sec. III-B)."""
   g = jnp.tensordot(images, jnp.asarray([0.299, 0.587, 0.114], images.dtype), axes=([-1], [0]))[..., None]
@@ -187,6 +207,12 @@ class Triplet(base.Method):
     else:
       cls.check_alternative_scores(config)
     m = config.model
+    if distance_scale(config) not in DISTANCE_SCALES:
+      raise ConfigError(f"model.distance_scale must be one of {', '.join(DISTANCE_SCALES)}, not "
+                        f"'{distance_scale(config)}'.")
+    if calibration_fill(config) not in CALIBRATION_FILLS:
+      raise ConfigError(f"model.calibration_fill must be one of {', '.join(CALIBRATION_FILLS)}, not "
+                        f"'{calibration_fill(config)}'.")
     if len(tuple(m.scales)) != len(tuple(m.patches_per_scale)) or not tuple(m.scales):
       raise ConfigError(f"model.scales {tuple(m.scales)} and model.patches_per_scale {tuple(m.patches_per_scale)} "
                         "must be equally long and not empty (one patch count per training scale).")
@@ -217,6 +243,10 @@ class Triplet(base.Method):
     h = output_side(side, m.stem, m.blocks)
     return {"params": params, "opt_state": self.tx.init(params), "step": jnp.zeros((), jnp.int32),
             "prototype": jnp.zeros((h, h, m.filters), jnp.float32),
+            # A finished per-category checkpoint holds finalize's output, which a longer run resumes from;
+            # shared training's checkpoints hold the training state alone (finalize adds the spread later).
+            **({"spread": jnp.ones((h, h), jnp.float32)}
+               if distance_scale(self.config) == "spread" and not self.config.train.get("shared_model") else {}),
             # (w_mean, w_max, b) of the linear SVM; until `calibrate` the max distance alone
             "svm": jnp.asarray([0.0, 1.0, 0.0], jnp.float32)}
 
@@ -274,8 +304,10 @@ class Triplet(base.Method):
     return {**state, "params": params, "opt_state": opt_state, "step": state["step"] + 1}, terms
 
   def distances(self, state, gray):
-    """(B, h, w) per-location distance to the prototype (Sec. III-E)."""
-    return distance(self.embed(state["params"], gray), state["prototype"][None])
+    """(B, h, w) per-location distance to the prototype (Sec. III-E), divided by the training
+    images' spread there when model.distance_scale='spread' (`finalize`)."""
+    d = distance(self.embed(state["params"], gray), state["prototype"][None])
+    return d / state["spread"][None] if "spread" in state else d
 
   def statistics(self, dist):
     """(B, 2): each distance map's mean and max, the SVM's inputs."""
@@ -296,27 +328,41 @@ class Triplet(base.Method):
     return {"image_score_mean_distance": statistics[:, :1], "image_score_max_distance": statistics[:, 1:]}
 
   def finalize(self, state, batches):
-    """The prototype: the per-location mean embedding of the training images."""
-    embed = jax.jit(lambda params, images: self.embed(params, grayscale(images)).sum(axis=0))
-    total, count = None, 0
+    """The prototype: the per-location mean embedding of the training images; with
+    model.distance_scale='spread' also each location's spread, the root mean square distance of
+    the training images' embeddings to the prototype there (E||e||^2 - ||E e||^2, one pass over
+    `batches`), plus its mean over the locations (so that a location where the training images
+    never vary is scaled as an average one, not by ~0)."""
+    def sums(params, images):
+      e = self.embed(params, grayscale(images))
+      return e.sum(axis=0), (e ** 2).sum(axis=(0, 3))
+    sums = jax.jit(sums)
+    total, total64, squares, count = None, 0.0, 0.0, 0
     for batch in batches:
-      part = embed(state["params"], batch["images"])
+      part, square = sums(state["params"], batch["images"])
       total = part if total is None else total + part
+      total64, squares = total64 + np.asarray(part, np.float64), squares + np.asarray(square, np.float64)
       count += batch["images"].shape[0]
-    return {**state, "prototype": (total / count).astype(jnp.float32)}
+    state = {**state, "prototype": (total / count).astype(jnp.float32)}
+    if distance_scale(self.config) != "spread":
+      return state
+    rms = np.sqrt(np.maximum(squares / count - ((total64 / count) ** 2).sum(axis=-1), 0.0))
+    return {**state, "spread": jnp.asarray(rms + rms.mean(), jnp.float32)}
 
   def negatives(self, gray, key):
-    """Random-erased copies of whole images for the SVM: one rectangle each, drawn as in training
-    (area_range of a 64-pixel patch at one of the training scales, so model.patch_size / scale
-    pixels of the input), at a uniform position."""
+    """The SVM's negatives, copies of whole images with one rectangle replaced: drawn as random
+    erasing's in training (area_range of a 64-pixel patch at one of the training scales, so
+    model.patch_size / scale pixels of the input), at a uniform position, filled as
+    model.calibration_fill says."""
     m = self.config.model
     k_scale, k_erase = jax.random.split(key)
     windows = m.patch_size / jnp.asarray(m.scales)[jax.random.randint(k_scale, (gray.shape[0],), 0, len(m.scales))]
-    return augment.random_erasing(gray, k_erase, tuple(m.erase_area), tuple(m.erase_aspect), window=windows)[0]
+    return augment.random_erasing(gray, k_erase, tuple(m.erase_area), tuple(m.erase_aspect), window=windows,
+                                  fill=calibration_fill(self.config))[0]
 
   def calibrate(self, state, scored):
     """The linear SVM (`linear_svm`) on (mean, max) of the distance maps of held-out normal
-    training images (class 0) and of their random-erased copies (class 1)."""
+    training images (class 0) and of their copies with a rectangle replaced (class 1, `negatives`)."""
     m = self.config.model
 
     statistics = jax.jit(lambda state, gray: self.statistics(self.distances(state, gray)))
@@ -333,7 +379,8 @@ class Triplet(base.Method):
     y = np.concatenate([np.zeros(sum(len(n) for n in normal)), np.ones(sum(len(e) for e in erased))])
     w, b = linear_svm(x, y, nonnegative=m.svm_nonnegative)
     accuracy = float(np.mean(((x @ w + b) > 0) == (y == 1)))
-    logging.info("triplet SVM on %d held-out normal images and %d erased copies: %.3f * mean + %.3f * max %+.3f "
-                 "(training accuracy %.3f)", len(images), len(y) - len(images), w[0], w[1], b, accuracy)
+    logging.info("triplet SVM on %d held-out normal images and %d copies (rectangles filled with %s): %.3f * mean "
+                 "+ %.3f * max %+.3f (training accuracy %.3f)", len(images), len(y) - len(images),
+                 calibration_fill(self.config), w[0], w[1], b, accuracy)
     return {**state, "svm": jnp.asarray([w[0], w[1], b], jnp.float32)}
 
