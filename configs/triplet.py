@@ -1,6 +1,7 @@
 r"""Triplet network (Tayeh et al.): a residual valid-padding CNN trained from scratch on 64x64
-grayscale patches with random-erased negatives; per-location prototype distance maps; a linear
-SVM on (mean, max) of the map, fitted on held-out normal images and erased copies of them.
+grayscale patches with random-erased negatives; per-location prototype distance maps, scaled by
+the training images' spread; a linear SVM on (mean, max) of the map, fitted on held-out normal
+images and CutPaste copies of them.
 
 Usage:
   python -m adjax.main --config=configs/triplet.py --workdir=runs/triplet
@@ -68,7 +69,7 @@ def get_config(arg: str = ""):
   # Ours (the paper's distance is plain Euclidean, 'none'): each location's distance divided by the
   # training images' spread there (methods/triplet.py); benchmarks/README.md, triplet, for how it was chosen.
   m.distance_scale = {"spread": "spread", "plain": "none"}[v.distance]
-  m.calibration_copies = 4                 # erased copies per held-out normal image for the SVM
+  m.calibration_copies = 4                 # copies (one rectangle replaced) per held-out normal image for the SVM
   # Their rectangles: the image's own pixels from elsewhere ('copy', CutPaste; ours) or uniform noise
   # ('noise', random erasing as in training).
   m.calibration_fill = v.fill
