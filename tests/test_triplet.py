@@ -252,8 +252,6 @@ def _small_run_config(root, epochs):
 _DEVICES_SCRIPT = """
 import json, sys
 sys.path.insert(0, {tests!r})
-import json
-
 import jax
 from adjax import train
 from test_triplet import _small_run_config

@@ -207,12 +207,10 @@ class Triplet(base.Method):
     else:
       cls.check_alternative_scores(config)
     m = config.model
-    if distance_scale(config) not in DISTANCE_SCALES:
-      raise ConfigError(f"model.distance_scale must be one of {', '.join(DISTANCE_SCALES)}, not "
-                        f"'{distance_scale(config)}'.")
-    if calibration_fill(config) not in CALIBRATION_FILLS:
-      raise ConfigError(f"model.calibration_fill must be one of {', '.join(CALIBRATION_FILLS)}, not "
-                        f"'{calibration_fill(config)}'.")
+    for key, value, allowed in (("distance_scale", distance_scale(config), DISTANCE_SCALES),
+                                ("calibration_fill", calibration_fill(config), CALIBRATION_FILLS)):
+      if value not in allowed:
+        raise ConfigError(f"model.{key} must be one of {', '.join(allowed)}, not '{value}'.")
     if len(tuple(m.scales)) != len(tuple(m.patches_per_scale)) or not tuple(m.scales):
       raise ConfigError(f"model.scales {tuple(m.scales)} and model.patches_per_scale {tuple(m.patches_per_scale)} "
                         "must be equally long and not empty (one patch count per training scale).")
@@ -333,20 +331,24 @@ class Triplet(base.Method):
     the training images' embeddings to the prototype there (E||e||^2 - ||E e||^2, one pass over
     `batches`), plus its mean over the locations (so that a location where the training images
     never vary is scaled as an average one, not by ~0)."""
+    spread = distance_scale(self.config) == "spread"
+
     def sums(params, images):
       e = self.embed(params, grayscale(images))
-      return e.sum(axis=0), (e ** 2).sum(axis=(0, 3))
+      return e.sum(axis=0), (e ** 2).sum(axis=(0, 3)) if spread else None
     sums = jax.jit(sums)
-    total, total64, squares, count = None, 0.0, 0.0, 0
+    total, squares, count = None, 0.0, 0
     for batch in batches:
       part, square = sums(state["params"], batch["images"])
       total = part if total is None else total + part
-      total64, squares = total64 + np.asarray(part, np.float64), squares + np.asarray(square, np.float64)
+      if spread:  # in float64 on the host: E||e||^2 - ||E e||^2 cancels
+        squares = squares + np.asarray(square, np.float64)
       count += batch["images"].shape[0]
     state = {**state, "prototype": (total / count).astype(jnp.float32)}
-    if distance_scale(self.config) != "spread":
+    if not spread:
       return state
-    rms = np.sqrt(np.maximum(squares / count - ((total64 / count) ** 2).sum(axis=-1), 0.0))
+    mean = np.asarray(total, np.float64) / count
+    rms = np.sqrt(np.maximum(squares / count - (mean ** 2).sum(axis=-1), 0.0))
     return {**state, "spread": jnp.asarray(rms + rms.mean(), jnp.float32)}
 
   def negatives(self, gray, key):
