@@ -125,12 +125,16 @@ def official_step_check(path, model, images, batch, device, repeats=3):
   proj_opt = torch.optim.AdamW(model.adaptor.parameters(), 1e-4)
   dsc_opt = torch.optim.Adam(model.discriminator.parameters(), 2e-4, weight_decay=1e-5)
 
-  def best(step):
+  sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
+
+  def best(step):  # synchronised: CUDA kernels run after the Python call returns
     step()
     times = []
     for _ in range(repeats):
+      sync()
       start = time.perf_counter()
       step()
+      sync()
       times.append(time.perf_counter() - start)
     return min(times)
   official_s = best(lambda: net._train_discriminator([{"image": x}]))
