@@ -1,5 +1,6 @@
 """Shared evaluation: anomaly maps at image resolution, metrics, reports and overlays."""
 
+import concurrent.futures
 import json
 import os
 
@@ -282,6 +283,56 @@ def write_overlays(directory, split, scored, normalisation, count, decision=None
     name = f"{record.defect_type}_{record.subclass + '_' if record.subclass else ''}" \
            f"{os.path.splitext(os.path.basename(record.path))[0]}.png"
     io_utils.atomic_write(os.path.join(directory, name), lambda f: Image.fromarray(panel).save(f, format="PNG"))
+
+
+def category_report(split, scored, config, decision, normalisation, overlay_dir) -> dict:
+  """One category's entry of the report from its scored test set: category_metrics, the decision
+  rule's counts, the method's diagnostics; and, on the main process, its overlays."""
+  report = category_metrics(split, scored, config)
+  if decision is not None:
+    report["decision"] = decision_report(split.category, decision, scored)
+  if scored["diagnostics"]:
+    report["diagnostics"] = log_diagnostics(split.category, scored["diagnostics"], scored["labels"], config)
+  if parallel.is_main_process():
+    write_overlays(overlay_dir, split, scored, normalisation, config.eval.num_overlays, decision)
+  return report
+
+
+def report_threads() -> int:
+  """Threads building reports behind the scoring: one per four cores, 1 to 4 (each holds a
+  category's scored test set and its sorted pixels)."""
+  return max(1, min(4, (os.cpu_count() or 1) // 4))
+
+
+class Reports:
+  """category_report of each submitted category on background threads while the caller scores
+  the next one (numpy's sorts and cumulative sums and PIL's encoder release the GIL); at most
+  `threads` reports in flight; results() in submission order. A failed report is raised at the
+  next submit, not after the last category."""
+
+  def __init__(self, threads: int = 0):
+    self.threads = threads or report_threads()
+    self.pool = concurrent.futures.ThreadPoolExecutor(self.threads, thread_name_prefix="adjax-report")
+    self.futures = {}
+
+  def __enter__(self):
+    return self
+
+  def __exit__(self, *exc):
+    self.pool.shutdown(wait=True, cancel_futures=True)
+
+  def submit(self, split, scored, config, decision, normalisation, overlay_dir):
+    running = [f for f in self.futures.values() if not f.done()]
+    if len(running) >= self.threads:
+      concurrent.futures.wait(running, return_when=concurrent.futures.FIRST_COMPLETED)
+    for future in self.futures.values():
+      if future.done():
+        future.result()
+    self.futures[split.category] = self.pool.submit(category_report, split, scored, config, decision, normalisation,
+                                                    overlay_dir)
+
+  def results(self) -> dict:
+    return {category: future.result() for category, future in self.futures.items()}
 
 
 def _fmt(value):

@@ -398,7 +398,6 @@ def run(config, workdir: str, mode: str) -> dict:
   extractor = method.make_extractor()
   key = jax.random.key(config.seed)
   scorer = evaluate.make_scorer(config, method, extractor)  # one program for every category of the same shapes
-  per_category = {}
   keys = []
   for _ in splits:
     key, sub = jax.random.split(key)  # split in eval mode too, so keys never depend on the mode
@@ -408,31 +407,26 @@ def run(config, workdir: str, mode: str) -> dict:
     trained = _fit_shared(config, method, extractor, splits, workdir, scorer)  # every category, never one alone
   elif mode == "train":
     trained = _fit_together(config, method, extractor, splits, keys, workdir, scorer)
-  for split, sub in zip(splits, keys):
-    if split.category in trained:
-      state = trained.pop(split.category)
-    elif mode == "train":
-      state = fit_category(config, method, extractor, split, sub, workdir, scorer)
-    else:
-      state = checkpoints.restore_trained(workdir, split.category, config, method.trains)
-    decision = None
-    if split.held_out:
-      held = evaluate.score_dataset(config, method, state, extractor, split.held_out,
-                                    f"threshold {split.category}", scorer)
-      decision = evaluate.decision_rule(held, len(split.held_out))
-      if parallel.is_main_process():
-        io_utils.write_json(evaluate.decision_path(workdir, split.category), decision)
-    scored = evaluate.score_dataset(config, method, state, extractor, split.test, f"scoring {split.category}",
-                                    scorer)
-    per_category[split.category] = evaluate.category_metrics(split, scored, config)
-    if decision is not None:
-      per_category[split.category]["decision"] = evaluate.decision_report(split.category, decision, scored)
-    if scored["diagnostics"]:
-      per_category[split.category]["diagnostics"] = evaluate.log_diagnostics(split.category, scored["diagnostics"],
-                                                                                 scored["labels"], config)
-    if parallel.is_main_process():
-      evaluate.write_overlays(os.path.join(workdir, "overlays", split.category), split, scored,
-                              method.normalisation(extractor), config.eval.num_overlays, decision)
+  with evaluate.Reports() as reports:  # a category's metrics and overlays while the next one is scored
+    for split, sub in zip(splits, keys):
+      if split.category in trained:
+        state = trained.pop(split.category)
+      elif mode == "train":
+        state = fit_category(config, method, extractor, split, sub, workdir, scorer)
+      else:
+        state = checkpoints.restore_trained(workdir, split.category, config, method.trains)
+      decision = None
+      if split.held_out:
+        held = evaluate.score_dataset(config, method, state, extractor, split.held_out,
+                                      f"threshold {split.category}", scorer)
+        decision = evaluate.decision_rule(held, len(split.held_out))
+        if parallel.is_main_process():
+          io_utils.write_json(evaluate.decision_path(workdir, split.category), decision)
+      scored = evaluate.score_dataset(config, method, state, extractor, split.test, f"scoring {split.category}",
+                                      scorer)
+      reports.submit(split, scored, config, decision, method.normalisation(extractor),
+                     os.path.join(workdir, "overlays", split.category))
+    per_category = reports.results()
   report = evaluate.summarise(per_category, configlib.novel_categories(config))
   if parallel.is_main_process():
     evaluate.write_reports(workdir, report, config)

@@ -134,3 +134,37 @@ def test_a_subset_of_the_sorted_pixels_equals_its_own_pixel_metrics():
     for key in own:
       assert got[key] == pytest.approx(own[key], abs=1e-12), key
   assert pixels.metrics(0.3, np.array([1, 0, 1, 0, 0], bool))["pixel_auroc"] is None  # no defect pixel there
+
+
+def test_reports_run_behind_the_caller_in_submission_order_and_fail_at_the_next_submit(monkeypatch):
+  import threading
+  import time
+  import types
+
+  from adjax import evaluate
+  live, most = [0], [0]
+  lock = threading.Lock()
+
+  def report(split, scored, *rest):
+    with lock:
+      live[0] += 1
+      most[0] = max(most[0], live[0])
+    time.sleep(scored["sleep"])
+    with lock:
+      live[0] -= 1
+    if scored.get("fail"):
+      raise ValueError(f"{split.category} failed")
+    return {"category": split.category}
+
+  monkeypatch.setattr(evaluate, "category_report", report)
+  cat = lambda name: types.SimpleNamespace(category=name)
+  with evaluate.Reports(threads=2) as reports:
+    for name, sleep in (("a", 0.3), ("b", 0.0), ("c", 0.1), ("d", 0.0)):
+      reports.submit(cat(name), {"sleep": sleep}, None, None, None, None)
+    assert list(reports.results()) == ["a", "b", "c", "d"]
+    assert [r["category"] for r in reports.results().values()] == ["a", "b", "c", "d"]
+  assert most[0] == 2  # a slow report runs while the next ones are submitted, never more than `threads`
+  with evaluate.Reports(threads=1) as reports:
+    reports.submit(cat("bad"), {"sleep": 0.1, "fail": True}, None, None, None, None)
+    with pytest.raises(ValueError, match="bad failed"):
+      reports.submit(cat("next"), {"sleep": 0.0}, None, None, None, None)
