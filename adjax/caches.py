@@ -22,24 +22,54 @@ from adjax import configlib, parallel, progress
 from adjax.data import pipeline
 
 
-def compute_features(config, extractor, records, desc, mean, std, subclass_ids=()):
+def compute_features(config, extractor, records, desc, mean, std, subclass_ids=(), into=None):
   """Features of `records`, in order, as host arrays (one array, or a pytree of arrays). In a
   multi-process run each process decodes and extracts its share (parallel.record_shard) and
-  the shares are gathered."""
+  the shares are gathered. With `into` (shape structs of all records' features, as
+  cached_shapes gives them; one process only) they are written batch by batch into device
+  arrays of those shapes and dtypes, replicated over the data mesh, never passing the host."""
   index, count = parallel.record_shard(len(records))
+  if into is not None and count > 1:
+    raise ValueError("compute_features(into=...) is for a single-process run")
   dataset = pipeline.make_dataset(
       records, image_size=config.data.image_size, crop_size=config.data.crop_size, mean=mean, std=std,
       batch_size=config.train.batch_size, worker_count=config.data.workers, subclass_ids=subclass_ids,
       shard_index=index, shard_count=count, resize=config.data.resize)
-  chunks = []
+  chunks, start = [], 0
+  if into is not None:
+    replicated = parallel.replicated(parallel.data_mesh())
+    buffer, write = _zeros(into, replicated)(), _row_writer(replicated)
   with progress.bar(parallel.shard_size(len(records)), desc) as bar:
     for batch in dataset:
       n = len(batch["index"])
       features = extractor(pipeline.pad_batch(batch["image"], config.train.batch_size))
-      chunks.append(jax.tree.map(lambda a: np.asarray(a)[:n], features))  # host slice: no extra program
+      if into is None:
+        chunks.append(jax.tree.map(lambda a: np.asarray(a)[:n], features))  # host slice: no extra program
+      else:
+        buffer = write(buffer, jax.device_put(features, replicated), start)
+      start += n
       bar.update(n)
+  if into is not None:
+    return buffer
   return parallel.gather_shards(jax.tree.map(lambda *parts: np.concatenate(parts), *chunks), len(records),
                                 "training images' features")
+
+
+def _zeros(structs, sharding):
+  """A compiled call making zero arrays shaped like `structs` on `sharding` (no host array)."""
+  return jax.jit(lambda: jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), structs), out_shardings=sharding)
+
+
+@functools.cache
+def _row_writer(sharding):
+  """(cache, a batch of rows, start) -> the cache with its rows from `start` on replaced by the
+  batch's, cast to the cache's dtype; the cache is donated, so it is updated in place. The
+  padding of a short last batch falls past the cache's last row and is dropped."""
+  def adjax_write_rows(cache, rows, start):  # the name shows in JAX's compilation logs
+    def write(c, r):
+      return c.at[start + jnp.arange(r.shape[0])].set(r.astype(c.dtype), mode="drop")
+    return jax.tree.map(write, cache, rows)
+  return jax.jit(adjax_write_rows, donate_argnums=0, out_shardings=sharding)
 
 
 def decode_images(config, records, desc) -> np.ndarray:
@@ -143,14 +173,18 @@ class TrainingSet:
     if "images" in method.train_inputs:
       self._keep("images", decode_images(config, records, "caching images"), config.train.image_cache_device_mb)
     if source == "cache":
-      features = compute_features(config, extractor, records, "caching features", self.mean, self.std, subclass_ids)
-      features = jax.tree.map(lambda a: a.astype(feature_dtype(config)), features)
+      structs, on_device = cached_shapes(config, method, extractor, len(records))["features"]
+      into = structs if on_device and jax.process_count() == 1 else None  # then straight into device memory
+      features = compute_features(config, extractor, records, "caching features", self.mean, self.std, subclass_ids,
+                                  into)
+      if into is None:
+        features = jax.tree.map(lambda a: a.astype(feature_dtype(config), copy=False), features)
       self._keep("features", features, config.train.feature_cache_device_mb)
 
   def _keep(self, name, arrays, device_mb):
     megabytes = nbytes(arrays) / 2 ** 20
     shapes = [a.shape for a in jax.tree.leaves(arrays)]
-    if fits_on_device(arrays, device_mb):
+    if fits_on_device(arrays, device_mb):  # a no-op for arrays compute_features wrote on the device
       self.device[name] = jax.device_put(arrays, parallel.replicated(parallel.data_mesh()))
       logging.info("%s cache: %s, %.0f MB on device", name.capitalize(), shapes, megabytes)
     else:

@@ -335,6 +335,27 @@ def test_bfloat16_feature_cache_yields_rounded_float32_batches(synthetic_root):
     configlib.validate(config)
 
 
+def test_feature_cache_written_on_the_device_equals_the_host_path(synthetic_root):
+  # A cache that fits train.feature_cache_device_mb is written batch by batch into device
+  # memory (caches.compute_features(into=...)); it must hold the host path's rows in record
+  # order, the short last batch's padding dropped (5 records, batch 2).
+  from adjax.data import datasets
+  config = tiny_config(simplenet_config)
+  config.data.image_size = config.data.crop_size = 64
+  config.train.batch_size = 2
+  records = datasets.read_split("synthetic", synthetic_root, "metal").train[:5]
+  method = simplenet.SimpleNet(config)
+  extractor = method.make_extractor()
+  normalisation = method.normalisation(extractor)
+  config.train.feature_cache_device_mb = 0
+  host = caches.TrainingSet(config, method, extractor, records, ["brushed_steel"], normalisation).host["features"]
+  config.train.feature_cache_device_mb = 4096
+  device = caches.TrainingSet(config, method, extractor, records, ["brushed_steel"], normalisation).device["features"]
+  assert isinstance(device, jax.Array) and device.shape == host.shape == (5,) + host.shape[1:]
+  np.testing.assert_array_equal(np.asarray(device), host)
+  assert len({float(np.abs(r).sum()) for r in host}) == 5  # five different images, so the order is checked
+
+
 _SHARES_SCRIPT = textwrap.dedent("""
     import json, sys
     import jax, numpy as np
