@@ -8,11 +8,14 @@
 #              is the gap to 0.90 under-training?
 #   simplenet  issue 22: train_speed.py's SimpleNet bottle protocol against PyTorch (and, when
 #              .gpu/SimpleNet holds DonaldRR/SimpleNet, its official step), cold then warm compilation
-#              cache; all_categories.py with 15 bottle-sized categories, together vs one after another.
-# Before the lease, here: python benchmarks/gpu_prepare.py <part>  (fills the git-ignored .gpu/).
+#              cache (~110 s).
+#   categories issue 22: all_categories.py with 15 bottle-sized categories: together cold, together
+#              warm, one after another cold (~9 minutes at most; each run's log comes back).
+# Before the lease, here: python benchmarks/gpu_prepare.py <part>  (fills the git-ignored .gpu/;
+# simplenet and categories share theirs).
 # Then: device run with carry [".gpu"] and command `bash benchmarks/gpu_checks.sh <part>`.
 set -u
-part=${1:?usage: bash benchmarks/gpu_checks.sh speed|triplet|simplenet}
+part=${1:?usage: bash benchmarks/gpu_checks.sh speed|triplet|simplenet|categories}
 out=${OUT:-/tmp/gpu_out}
 mkdir -p "$out"
 python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site \
@@ -49,11 +52,13 @@ case $part in
     export JAX_COMPILATION_CACHE_DIR=/tmp/xla_cache_train_speed
     step 150 train_speed_cold python3 benchmarks/train_speed.py --root $data --measure-epochs 3 "${official[@]}"
     step 120 train_speed_warm python3 benchmarks/train_speed.py --root $data --measure-epochs 3
-    unset JAX_COMPILATION_CACHE_DIR
-    export XLA_PYTHON_CLIENT_MEM_FRACTION=0.9  # JAX alone there; its feature caches take up to 64 GiB
-    step 300 all_categories python3 benchmarks/all_categories.py --config simplenet.py:mvtec_ad --bottle-copies 15 \
-      --mvtec $data --workdir /tmp/all_categories --set model.backbone_weights=random \
-      --set train.feature_cache_device_mb=65536
     ;;
-  *) echo "unknown part '$part': speed, triplet or simplenet"; exit 2 ;;
+  categories)
+    export XLA_PYTHON_CLIENT_MEM_FRACTION=0.9  # JAX alone there; its feature caches take up to 64 GiB
+    step 560 all_categories python3 benchmarks/all_categories.py --config simplenet.py:mvtec_ad --bottle-copies 15 \
+      --mvtec $data --workdir /tmp/all_categories --runs together:cold,together:warm,solo:cold \
+      --set model.backbone_weights=random --set train.feature_cache_device_mb=65536
+    cp /tmp/all_categories/*.log "$out/" 2>/dev/null
+    ;;
+  *) echo "unknown part '$part': speed, triplet, simplenet or categories"; exit 2 ;;
 esac

@@ -11,8 +11,8 @@ small). Then `bash benchmarks/gpu_checks.sh <part>` runs on the lent machine wit
   triplet   wheels; bottle in grayscale at its own 900x900, lossless    triplet (issue 17)
             WebP (triplet.py converts to BT.601 luma after resizing;
             luma is linear, so only its rounding to 8 bits moves first)
-  simplenet wheels; bottle at its shorter side 329 (the SimpleNet       simplenet (issue 22)
-            protocol's resize before the 288 crop), lossless WebP; with
+  simplenet wheels; bottle at its shorter side 329 (the SimpleNet       simplenet and
+            protocol's resize before the 288 crop), lossless WebP; with   categories (issue 22)
             --official, a checkout of DonaldRR/SimpleNet's files
             (e.g. the git directory the search tool's fetch brought)
 
