@@ -57,7 +57,14 @@ def compute_features(config, extractor, records, desc, mean, std, subclass_ids=(
 
 def _zeros(structs, sharding):
   """A compiled call making zero arrays shaped like `structs` on `sharding` (no host array)."""
-  return jax.jit(lambda: jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), structs), out_shardings=sharding)
+  leaves, treedef = jax.tree.flatten(structs)
+  return _zeros_of(treedef, tuple((s.shape, jnp.dtype(s.dtype)) for s in leaves), sharding)
+
+
+@functools.cache  # one traced program per cache shape, not one per category
+def _zeros_of(treedef, shapes, sharding):
+  return jax.jit(lambda: jax.tree.unflatten(treedef, [jnp.zeros(shape, dtype) for shape, dtype in shapes]),
+                 out_shardings=sharding)
 
 
 @functools.cache
