@@ -9,13 +9,12 @@ cache; anything that fails here is simply compiled (and its error raised) by the
 """
 
 import concurrent.futures
-import os
 
 import jax
 import numpy as np
 from absl import logging
 
-from adjax import caches, parallel
+from adjax import caches, io_utils, parallel
 
 
 def training_batch_sizes(n: int, batch_size: int) -> list:
@@ -23,15 +22,10 @@ def training_batch_sizes(n: int, batch_size: int) -> list:
   return sorted({min(batch_size, n)} | ({n % batch_size} if n > batch_size and n % batch_size else set()))
 
 
-def compile_threads() -> int:
-  """Programs compiled at once: one per four cores, 1 to 4 (on few cores the cache pass needs them)."""
-  return max(1, min(4, (os.cpu_count() or 1) // 4))
-
-
 def start(config, method, extractor, n, init_fn, init_key, step_fn, train_key, frozen) -> concurrent.futures.Future:
-  """Compiles in background threads (compile_threads() programs at once: each compilation is
-  mostly one thread's work, and on a GPU the step's autotuning waits on the device); the
-  future's result is True when everything compiled. `frozen` is the step's last argument (the
+  """Compiles in background threads, io_utils.background_threads() programs at once (each
+  compilation is mostly one thread's work, and on a GPU the step's autotuning waits on the
+  device); the future's result is True when everything compiled. `frozen` is the step's last argument (the
   extractor's variables, or None)."""
 
   def programs():
@@ -58,7 +52,8 @@ def start(config, method, extractor, n, init_fn, init_key, step_fn, train_key, f
 
   def compile_all():
     try:
-      with concurrent.futures.ThreadPoolExecutor(compile_threads(), thread_name_prefix="adjax-precompile") as pool:
+      threads = io_utils.background_threads()
+      with concurrent.futures.ThreadPoolExecutor(threads, thread_name_prefix="adjax-precompile") as pool:
         for done in [pool.submit(lowered.compile) for lowered in programs()]:
           done.result()
       return True

@@ -298,20 +298,15 @@ def category_report(split, scored, config, decision, normalisation, overlay_dir)
   return report
 
 
-def report_threads() -> int:
-  """Threads building reports behind the scoring: one per four cores, 1 to 4 (each holds a
-  category's scored test set and its sorted pixels)."""
-  return max(1, min(4, (os.cpu_count() or 1) // 4))
-
-
 class Reports:
   """category_report of each submitted category on background threads while the caller scores
   the next one (numpy's sorts and cumulative sums and PIL's encoder release the GIL); at most
-  `threads` reports in flight; results() in submission order. A failed report is raised at the
+  `threads` reports in flight (io_utils.background_threads() by default; each holds a category's
+  scored test set and its sorted pixels); results() in submission order. A failed report is raised at the
   next submit, not after the last category."""
 
   def __init__(self, threads: int = 0):
-    self.threads = threads or report_threads()
+    self.threads = threads or io_utils.background_threads()
     self.pool = concurrent.futures.ThreadPoolExecutor(self.threads, thread_name_prefix="adjax-report")
     self.futures = {}
 

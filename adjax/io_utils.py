@@ -7,6 +7,12 @@ from collections.abc import Callable
 from typing import Any
 
 
+def background_threads() -> int:
+  """Threads for host work run behind the main loop (ahead-of-time compiles, reports): one per
+  four cores, 1 to 4, so that on few cores the main loop keeps its own."""
+  return max(1, min(4, (os.cpu_count() or 1) // 4))
+
+
 def _umask() -> int:
   mask = os.umask(0)
   os.umask(mask)
