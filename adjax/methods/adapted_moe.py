@@ -117,8 +117,7 @@ class AdaptedMoE(common.FeatureScale, base.Method):
     super().check_config(config)
     m = config.model
     for key, allowed in (("routing_loss", ("center", "softmax")), ("subclass_source", ("dataset", "kmeans"))):
-      if m[key] not in allowed:
-        raise ConfigError(f"model.{key} must be one of {list(allowed)}, not '{m[key]}'.")
+      cls.check_choice(key, m[key], allowed)
     if m.subclass_source == "kmeans" and m.num_experts < 2:
       raise ConfigError(f"model.subclass_source='kmeans' needs model.num_experts >= 2 clusters, not {m.num_experts}: "
                         "set --config.model.num_experts to the number of subclasses to derive (e.g. 3).")

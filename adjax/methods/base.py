@@ -93,6 +93,12 @@ class Method:
                         f"images: set data.calibration_fraction (e.g. 0.2) to hold that share of each category's "
                         f"{held}.")
 
+  @staticmethod
+  def check_choice(key: str, value, allowed) -> None:
+    """A ConfigError naming model.<key>, its value and the values allowed, unless it is one of them."""
+    if value not in allowed:
+      raise ConfigError(f"model.{key} must be one of {', '.join(map(str, allowed))}, not '{value}'.")
+
   @classmethod
   def check_alternative_scores(cls, config) -> None:
     """eval.paper_kfold_svm must name some of the method's alternative_scores, with 2 folds or more."""

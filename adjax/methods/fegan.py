@@ -133,10 +133,8 @@ class FEGAN(base.Method):
   def check_config(cls, config):
     super().check_config(config)
     m = config.model
-    if m.augment not in augment.OPS:
-      raise ConfigError(f"model.augment must be one of {', '.join(augment.OPS)}, not '{m.augment}'.")
-    if m.encoder_init not in ("vgg19", "scratch"):
-      raise ConfigError(f"model.encoder_init must be 'vgg19' or 'scratch', not '{m.encoder_init}'.")
+    cls.check_choice("augment", m.augment, augment.OPS)
+    cls.check_choice("encoder_init", m.encoder_init, ("vgg19", "scratch"))
     if m.encoder_init == "vgg19" and m.width != 1.0:
       raise ConfigError(f"model.encoder_init='vgg19' loads VGG19's weights, which need model.width=1.0, not "
                         f"{m.width}; use encoder_init='scratch' for other widths.")
@@ -153,8 +151,7 @@ class FEGAN(base.Method):
       raise ConfigError(f"model.layers {tuple(m.layers)} of {m.backbone} is at stride "
                         f"{spec.strides[m.layers[0]]}; the generator's fifth block is at 1/16, so tap a layer "
                         "at stride 16 (VGG19 'stage5', EfficientNet-Lite 'stage5').")
-    if m.score_scale not in SCORE_SCALES:
-      raise ConfigError(f"model.score_scale must be one of {', '.join(SCORE_SCALES)}, not '{m.score_scale}'.")
+    cls.check_choice("score_scale", m.score_scale, SCORE_SCALES)
     if not 0.0 <= m.score_lambda <= 1.0:
       raise ConfigError(f"model.score_lambda (eq. 8's lambda) must be in [0, 1], not {m.score_lambda}.")
 

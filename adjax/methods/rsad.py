@@ -41,7 +41,6 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from adjax.errors import ConfigError
 from adjax.methods import base, common
 
 # Mona's reference builds plain torch Linear/Conv2d layers and keeps their default init:
@@ -128,10 +127,8 @@ class RSAD(common.FeatureScale, base.Method):
   @classmethod
   def check_config(cls, config):
     super().check_config(config)
-    if config.model.aligner not in ALIGNERS:
-      raise ConfigError(f"model.aligner must be one of {sorted(ALIGNERS)}, not '{config.model.aligner}'.")
-    if config.model.focal_on not in FOCAL_TARGETS:
-      raise ConfigError(f"model.focal_on must be one of {list(FOCAL_TARGETS)}, not '{config.model.focal_on}'.")
+    cls.check_choice("aligner", config.model.aligner, sorted(ALIGNERS))
+    cls.check_choice("focal_on", config.model.focal_on, FOCAL_TARGETS)
 
   def __init__(self, config):
     super().__init__(config)

@@ -199,18 +199,14 @@ class Triplet(base.Method):
 
   @classmethod
   def check_config(cls, config):
-    if config.model.image_score not in IMAGE_SCORES:
-      raise ConfigError(f"model.image_score must be one of {', '.join(IMAGE_SCORES)}, not "
-                        f"'{config.model.image_score}'.")
+    cls.check_choice("image_score", config.model.image_score, IMAGE_SCORES)
     if config.model.image_score == "svm":
       super().check_config(config)  # the SVM's held-out normals, and the alternative scores
     else:
       cls.check_alternative_scores(config)
     m = config.model
-    for key, value, allowed in (("distance_scale", distance_scale(config), DISTANCE_SCALES),
-                                ("calibration_fill", calibration_fill(config), CALIBRATION_FILLS)):
-      if value not in allowed:
-        raise ConfigError(f"model.{key} must be one of {', '.join(allowed)}, not '{value}'.")
+    cls.check_choice("distance_scale", distance_scale(config), DISTANCE_SCALES)
+    cls.check_choice("calibration_fill", calibration_fill(config), CALIBRATION_FILLS)
     if len(tuple(m.scales)) != len(tuple(m.patches_per_scale)) or not tuple(m.scales):
       raise ConfigError(f"model.scales {tuple(m.scales)} and model.patches_per_scale {tuple(m.patches_per_scale)} "
                         "must be equally long and not empty (one patch count per training scale).")
