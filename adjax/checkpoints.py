@@ -14,7 +14,7 @@ import orbax.checkpoint as ocp
 from absl import logging
 from orbax.checkpoint.metadata import ArrayMetadata
 
-from adjax import io_utils, parallel
+from adjax import configlib, io_utils, parallel
 from adjax.errors import CheckpointError, ConfigError
 
 RUN_CONFIG = "config.json"
@@ -114,17 +114,12 @@ _SCORING_KEYS = [f"data.{k}" for k in ("resize", "image_size", "crop_size", "cal
 _TRAINING_KEYS = ["data.name", "data.root", "train.batch_size", "seed"]
 
 
-# Keys added to configlib.base() after workdirs were written: a config.json without them had their default.
-_ADDED_DEFAULTS = {"train.shared_model": False, "data.novel_categories": "", "model.calibration_fill": "noise",
-                   "model.distance_scale": "none"}
-
-
 def _value(config: dict, key: str):
   node = config
   for part in key.split("."):
     node = node.get(part) if isinstance(node, dict) else None
   if node is None:
-    node = _ADDED_DEFAULTS.get(key)
+    node = configlib.ADDED_DEFAULTS.get(key)  # a config.json written before the key existed
   if key == "data.root" and node:
     node = os.path.abspath(os.path.expanduser(node))
   return node

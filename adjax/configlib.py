@@ -244,9 +244,20 @@ def names(text: str) -> list:
   return [n.strip() for n in text.split(",") if n.strip()]
 
 
+# Keys added after workdirs were written, with the value a config.json without them implies.
+ADDED_DEFAULTS = {"train.shared_model": False, "data.novel_categories": "", "model.calibration_fill": "noise",
+                  "model.distance_scale": "none"}
+
+
+def added(config, key: str):
+  """The value of `key` (one of ADDED_DEFAULTS) in a config, or in an older run's config.json without it."""
+  section, name = key.split(".")
+  return config[section].get(name, ADDED_DEFAULTS[key])
+
+
 def novel_categories(config) -> list:
   """data.novel_categories as a list of names."""
-  return names(config.data.get("novel_categories", ""))
+  return names(added(config, "data.novel_categories"))
 
 
 def paper_kfold_svm(config) -> list:
@@ -279,7 +290,7 @@ def validate(config) -> None:
                       f"{config.data.resize} scales the whole image to data.image_size ({config.data.image_size}). "
                       "Set data.crop_size=0, or data.resize=crop to crop.")
   novel = novel_categories(config)
-  if novel and not config.train.get("shared_model", False):
+  if novel and not added(config, "train.shared_model"):
     raise ConfigError(f"data.novel_categories={','.join(novel)!r} needs train.shared_model=true: novel categories are "
                       "tested on a model trained on the other categories. Set train.shared_model=true, or clear "
                       "data.novel_categories.")

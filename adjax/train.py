@@ -403,7 +403,7 @@ def run(config, workdir: str, mode: str) -> dict:
     key, sub = jax.random.split(key)  # split in eval mode too, so keys never depend on the mode
     keys.append(sub)
   trained = {}
-  if mode == "train" and config.train.get("shared_model", False):
+  if mode == "train" and configlib.added(config, "train.shared_model"):
     trained = _fit_shared(config, method, extractor, splits, workdir, scorer)  # every category, never one alone
   elif mode == "train":
     trained = _fit_together(config, method, extractor, splits, keys, workdir, scorer)

@@ -61,6 +61,7 @@ with Orbax and restores it into that structure.
 """
 
 
+from adjax import configlib
 from adjax.errors import ConfigError
 
 
@@ -76,7 +77,7 @@ class Method:
 
   def __init__(self, config):
     self.check_config(config)
-    if config.train.get("shared_model", False) and not self.shares_across_categories:
+    if configlib.added(config, "train.shared_model") and not self.shares_across_categories:
       raise ConfigError(f"train.shared_model=true: model.name={config.model.name} trains one model per category "
                         "(its state is not completed per category after a shared training). Set "
                         "train.shared_model=false.")
@@ -102,7 +103,6 @@ class Method:
   @classmethod
   def check_alternative_scores(cls, config) -> None:
     """eval.paper_kfold_svm must name some of the method's alternative_scores, with 2 folds or more."""
-    from adjax import configlib
     wanted = configlib.paper_kfold_svm(config)
     folds = config.get("eval", {}).get("paper_kfold_folds", 5)
     if wanted and (set(wanted) - set(cls.alternative_scores) or folds < 2):

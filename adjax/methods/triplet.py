@@ -67,6 +67,7 @@ import numpy as np
 import optax
 from absl import logging
 
+from adjax import configlib
 from adjax.data import augment
 from adjax.errors import ConfigError
 from adjax.linear_svm import linear_svm
@@ -139,13 +140,11 @@ class Embedding(nn.Module):
 
 
 def distance_scale(config) -> str:
-  """model.distance_scale; a workdir's config.json written before the key existed had 'none'."""
-  return config.model.get("distance_scale", "none")
+  return configlib.added(config, "model.distance_scale")
 
 
 def calibration_fill(config) -> str:
-  """model.calibration_fill; a workdir's config.json written before the key existed had 'noise'."""
-  return config.model.get("calibration_fill", "noise")
+  return configlib.added(config, "model.calibration_fill")
 
 
 def grayscale(images):
@@ -210,7 +209,6 @@ class Triplet(base.Method):
     if len(tuple(m.scales)) != len(tuple(m.patches_per_scale)) or not tuple(m.scales):
       raise ConfigError(f"model.scales {tuple(m.scales)} and model.patches_per_scale {tuple(m.patches_per_scale)} "
                         "must be equally long and not empty (one patch count per training scale).")
-    from adjax import configlib
     side = configlib.input_size(config)
     smallest = int(round(side * min(m.scales)))
     if smallest < m.patch_size:
@@ -240,7 +238,8 @@ class Triplet(base.Method):
             # A finished per-category checkpoint holds finalize's output, which a longer run resumes from;
             # shared training's checkpoints hold the training state alone (finalize adds the spread later).
             **({"spread": jnp.ones((h, h), jnp.float32)}
-               if distance_scale(self.config) == "spread" and not self.config.train.get("shared_model") else {}),
+               if distance_scale(self.config) == "spread" and not configlib.added(self.config, "train.shared_model")
+               else {}),
             # (w_mean, w_max, b) of the linear SVM; until `calibrate` the max distance alone
             "svm": jnp.asarray([0.0, 1.0, 0.0], jnp.float32)}
 
