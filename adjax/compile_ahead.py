@@ -25,8 +25,8 @@ def training_batch_sizes(n: int, batch_size: int) -> list:
 def start(config, method, extractor, n, init_fn, init_key, step_fn, train_key, frozen) -> concurrent.futures.Future:
   """Compiles in background threads, io_utils.background_threads() programs at once (each
   compilation is mostly one thread's work, and on a GPU the step's autotuning waits on the
-  device); the future's result is True when everything compiled. `frozen` is the step's last argument (the
-  extractor's variables, or None)."""
+  device); the future's result is True when everything compiled. `frozen` is the step's last
+  argument (the extractor's variables, or None)."""
 
   def programs():
     mesh = parallel.data_mesh()

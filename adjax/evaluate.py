@@ -302,8 +302,8 @@ class Reports:
   """category_report of each submitted category on background threads while the caller scores
   the next one (numpy's sorts and cumulative sums and PIL's encoder release the GIL); at most
   `threads` reports in flight (io_utils.background_threads() by default; each holds a category's
-  scored test set and its sorted pixels); results() in submission order. A failed report is raised at the
-  next submit, not after the last category."""
+  scored test set and its sorted pixels); results() in submission order. A failed report is
+  raised at the next submit, not after the last category."""
 
   def __init__(self, threads: int = 0):
     self.threads = threads or io_utils.background_threads()
