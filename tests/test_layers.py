@@ -45,3 +45,31 @@ def test_cpu_convolution_flag_only_for_measured_jaxlib_and_never_over_the_users(
   assert adjax.with_cpu_flags(f"{flag}=dot", (0, 10, 2)) == f"{flag}=dot"  # the user's choice stays
   for unmeasured in [(0, 10, 1), (0, 11, 0), ()]:  # XLA aborts on flags it does not know
     assert adjax.with_cpu_flags("--a=1", unmeasured) == "--a=1"
+
+
+@pytest.mark.parametrize("size,kernel_size,padding", [((16, 16), 4, 1), ((11, 14), 4, 1), ((9, 7), 2, 0),
+                                                      ((10, 13), 6, 2)])
+def test_strided_convolution_by_space_to_depth_matches_lax_with_gradients(size, kernel_size, padding):
+  rng = np.random.default_rng(sum(size))
+  x = rng.normal(size=(2, *size, 3)).astype(np.float32)
+  kernel = rng.normal(size=(kernel_size, kernel_size, 3, 5)).astype(np.float32)
+  pad = ((padding, padding), (padding, padding))
+  ours = layers.conv_s2_space_to_depth(x, kernel, padding)
+  reference = _reference(x, kernel, 2, pad, 1)
+  assert ours.shape == reference.shape
+  np.testing.assert_allclose(ours, reference, rtol=1e-5, atol=1e-4)
+  weights = rng.normal(size=reference.shape).astype(np.float32)
+  grads = jax.grad(lambda x, k: (layers.conv_s2_space_to_depth(x, k, padding) * weights).sum(), (0, 1))(x, kernel)
+  expected = jax.grad(lambda x, k: (_reference(x, k, 2, pad, 1) * weights).sum(), (0, 1))(x, kernel)
+  for g, e in zip(grads, expected):
+    np.testing.assert_allclose(g, e, rtol=1e-4, atol=1e-3)
+
+
+def test_transposed_convolution_by_phases_matches_lax():
+  rng = np.random.default_rng(3)
+  x = rng.normal(size=(2, 5, 7, 3)).astype(np.float32)
+  kernel = rng.normal(size=(4, 4, 3, 4)).astype(np.float32)
+  # torch's ConvTranspose2d(4, 2, 1) is the gradient of Conv2d(4, 2, 1) with the same kernel.
+  _, vjp = jax.vjp(lambda y: _reference(y, kernel.transpose(0, 1, 3, 2), 2, ((1, 1), (1, 1)), 1),
+                   np.zeros((2, 10, 14, 4), np.float32))
+  np.testing.assert_allclose(layers.conv_transpose_4x4_s2(x, kernel), vjp(x)[0], rtol=1e-5, atol=1e-4)

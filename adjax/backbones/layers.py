@@ -145,6 +145,40 @@ def conv_transpose_4x4_s2(x, kernel, bias=None):
   return y if bias is None else y + bias
 
 
+def conv_s2_space_to_depth(x, kernel, padding: int):
+  """A stride-2 convolution with an even k x k HWIO kernel and symmetric zero padding (torch's
+  Conv2d(k, 2, padding)) as a stride-1 (k/2) x (k/2) convolution of the 2x2 space-to-depth input:
+  input row 2m + ky with ky = 2 dy + py is row m + dy, phase py. The same function; XLA:CPU runs
+  the strided form's backward pass (input-dilated and kernel-dilated convolutions) about twice as
+  slowly (benchmarks/README.md, FEGAN)."""
+  b, h, w, c = x.shape
+  k = kernel.shape[0]
+  if k % 2:
+    raise ValueError(f"conv_s2_space_to_depth needs an even kernel size, not {k}")
+  out_h, out_w = (h + 2 * padding - k) // 2 + 1, (w + 2 * padding - k) // 2 + 1
+  # An odd padded side gets one more zero row or column to split into 2x2 blocks; the output it
+  # would add is cropped, so no output reads it.
+  xp = jnp.pad(x, ((0, 0), (padding, padding + (h + 2 * padding) % 2), (padding, padding + (w + 2 * padding) % 2),
+                   (0, 0)))
+  hh, ww = xp.shape[1] // 2, xp.shape[2] // 2
+  s = xp.reshape(b, hh, 2, ww, 2, c).transpose(0, 1, 3, 2, 4, 5).reshape(b, hh, ww, 4 * c)
+  kk = kernel.reshape(k // 2, 2, k // 2, 2, c, -1).transpose(0, 2, 1, 3, 4, 5).reshape(k // 2, k // 2, 4 * c, -1)
+  return conv2d(s, kk, 1, ((0, 0), (0, 0)))[:, :out_h, :out_w]
+
+
+class Conv4x4S2(nn.Module):
+  """torch.nn.Conv2d(C_in, features, 4, 2, 1) by conv_s2_space_to_depth, with nn.Conv's parameters
+  `kernel` (4, 4, C_in, C_out) and, if use_bias, `bias`."""
+  features: int
+  use_bias: bool = True
+
+  @nn.compact
+  def __call__(self, x):
+    kernel = self.param("kernel", nn.initializers.lecun_normal(), (4, 4, x.shape[-1], self.features))
+    y = conv_s2_space_to_depth(x, kernel, 1)
+    return y + self.param("bias", nn.initializers.zeros, (self.features,)) if self.use_bias else y
+
+
 class ConvTranspose4x4S2(nn.Module):
   """conv_transpose_4x4_s2 with parameters `kernel` (4, 4, C_in, C_out) and, if use_bias, `bias`."""
   features: int

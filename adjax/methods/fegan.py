@@ -108,8 +108,7 @@ class Discriminator(nn.Module):
   @nn.compact
   def __call__(self, x, train: bool):
     for i, w in enumerate((64, 128, 256, 512)):
-      x = nn.Conv(max(1, int(w * self.width)), (4, 4), (2, 2), padding=((1, 1), (1, 1)), use_bias=i == 0,
-                  name=f"conv{i}")(x)
+      x = layers.Conv4x4S2(max(1, int(w * self.width)), use_bias=i == 0, name=f"conv{i}")(x)
       if i > 0:
         x = nn.BatchNorm(use_running_average=not train, momentum=0.9, epsilon=1e-5, name=f"bn{i}")(x)
       x = nn.leaky_relu(x, 0.2)
