@@ -37,7 +37,7 @@ def train_and_evaluate(config: str, workdir, *overrides) -> dict:
     # 2026-11-23) it passed: image 100.0, pixel 95.58 (seed 0) and 95.65 (seed 1); thin pixel margin.
     ("rsad.py:mvtec_ad_lite0", 0.99, 0.95),
     ("pfm.py:lite0_lite2", 0.98, 0.95),           # issue 6: MB-PFM
-    ("fegan.py:mvtec_ad_lite0", 0.95, 0.93),      # issue 16 (47.5 min)
+    ("fegan.py:mvtec_ad_lite0", 0.95, 0.93),      # issue 16 (37 min)
     ("triplet.py:mvtec_ad_bottle", 0.90, 0.0),    # issue 17 sets an image target only (~24 min)
 ])
 def test_bottle_reaches_the_target(tmp_path, config, image_target, pixel_target):
