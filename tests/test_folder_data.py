@@ -6,10 +6,12 @@ import logging
 import os
 
 import numpy as np
+import pytest
 from PIL import Image
 
 from adjax import train
 from adjax.data import datasets
+from adjax.errors import DataError
 from configs import patch_knn
 
 
@@ -44,6 +46,11 @@ def test_a_folder_is_one_category_whatever_data_category_says(tmp_path):
   os.makedirs(tmp_path / "lines" / "notes")
   assert datasets.categories_from_config("folder", str(tmp_path / "lines"), "all") == ["a", "b"]
   assert datasets.read_split("folder", str(tmp_path / "lines"), "b").category == "b"
+  # An empty folder is named by the category it is, not by data.category's empty string.
+  os.makedirs(tmp_path / "empty" / "train" / "good")
+  os.makedirs(tmp_path / "empty" / "test" / "good")
+  with pytest.raises(DataError, match="No training images found for category 'empty'.*train/good"):
+    datasets.read_split("folder", str(tmp_path / "empty"), "")
 
 
 def test_normal_folder_names_hidden_folders_and_mask_extension_case(tmp_path):

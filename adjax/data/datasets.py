@@ -208,10 +208,10 @@ def read_split(name: str, root: str, category: str) -> Split:
   else:  # folder data: the root is the category
     split = _mvtec_like(root, os.path.basename(os.path.normpath(root)), masks="optional")
   if not split.train:
-    raise DataError(f"No training images found for category '{category}' under {root}. "
+    raise DataError(f"No training images found for category '{split.category}' under {root}. "
                     "Normal training images go in train/good (train/ok for BTAD).")
   if not split.test:
-    raise DataError(f"No test images found for category '{category}' under {root}. "
+    raise DataError(f"No test images found for category '{split.category}' under {root}. "
                     "Test images go in test/good and test/<defect type>.")
   return split
 
