@@ -73,3 +73,12 @@ def test_transposed_convolution_by_phases_matches_lax():
   _, vjp = jax.vjp(lambda y: _reference(y, kernel.transpose(0, 1, 3, 2), 2, ((1, 1), (1, 1)), 1),
                    np.zeros((2, 10, 14, 4), np.float32))
   np.testing.assert_allclose(layers.conv_transpose_4x4_s2(x, kernel), vjp(x)[0], rtol=1e-5, atol=1e-4)
+
+
+def test_conv4x4s2_takes_nn_convs_parameters_and_gives_its_output():
+  import flax.linen as nn
+  x = np.random.default_rng(5).normal(size=(2, 12, 10, 3)).astype(np.float32)
+  reference = nn.Conv(4, (4, 4), (2, 2), padding=((1, 1), (1, 1)))
+  variables = reference.init(jax.random.key(0), x)  # an older checkpoint's discriminator layer
+  np.testing.assert_allclose(layers.Conv4x4S2(4).apply(variables, x), reference.apply(variables, x),
+                             rtol=1e-5, atol=1e-5)
