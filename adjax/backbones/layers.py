@@ -179,7 +179,7 @@ class Conv4x4S2(nn.Module):
     if jax.default_backend() == "cpu":
       y = conv_s2_space_to_depth(x, kernel, 1)
     else:
-      y = jax.lax.conv_general_dilated(x, kernel, (2, 2), ((1, 1), (1, 1)), dimension_numbers=("NHWC", "HWIO", "NHWC"))
+      y = conv2d(x, kernel, 2, ((1, 1), (1, 1)))
     return y + self.param("bias", nn.initializers.zeros, (self.features,)) if self.use_bias else y
 
 
