@@ -14,7 +14,7 @@ import orbax.checkpoint as ocp
 from absl import logging
 from orbax.checkpoint.metadata import ArrayMetadata
 
-from adjax import configlib, io_utils, parallel
+from adjax import configlib, io_utils, methods, parallel
 from adjax.errors import CheckpointError, ConfigError
 
 RUN_CONFIG = "config.json"
@@ -134,7 +134,8 @@ def check_run_config(workdir, config, mode="eval"):
                           f"--mode=train --workdir={workdir}, or point --workdir at a trained run.")
   trained = json.load(open(path))
   current = json.loads(config.to_json_best_effort())
-  differing = [f"model.{k}" for k in sorted(set(trained["model"]) | set(current["model"]))
+  same_result = set(methods.get(config.model.name).execution_keys)
+  differing = [f"model.{k}" for k in sorted((set(trained["model"]) | set(current["model"])) - same_result)
                if _value(trained, f"model.{k}") != _value(current, f"model.{k}")]
   keys = _SCORING_KEYS + (_TRAINING_KEYS if mode == "train" else [])
   differing += [k for k in keys if _value(trained, k) != _value(current, k)]

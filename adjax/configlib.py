@@ -246,7 +246,7 @@ def names(text: str) -> list:
 
 # Keys added after workdirs were written, with the value a config.json without them implies.
 ADDED_DEFAULTS = {"train.shared_model": False, "data.novel_categories": "", "model.calibration_fill": "noise",
-                  "model.distance_scale": "none"}
+                  "model.distance_scale": "none", "model.train_chunk": 0}
 
 
 def added(config, key: str):

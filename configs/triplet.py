@@ -62,6 +62,9 @@ def get_config(arg: str = ""):
   m.patches_per_scale = (16, 16, 8, 8)     # Sec. III-B
   m.erase_area = (0.02, 0.4)               # random erasing's s_l, s_h (Zhong et al., the paper's [9])
   m.erase_aspect = (0.3, 1 / 0.3)          # random erasing's r_1, 1 / r_1 (Zhong et al.)
+  # Ours: patches per network pass in a training step on one CPU device (the same values; faster there,
+  # benchmarks/README.md); 0 = all at once (always so on GPUs and over several devices).
+  m.train_chunk = 16
   m.lr = 1e-4                              # Sec. III-D: Adam, fixed learning rate
   m.adam_b1, m.adam_b2, m.adam_eps = 0.9, 0.999, 1e-7  # not given: Keras Adam's defaults (the paper used Keras)
   m.image_score = v.score

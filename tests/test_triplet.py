@@ -64,6 +64,44 @@ def test_copy_fill_pastes_a_rectangle_of_the_same_image():
     augment.random_erasing(jnp.asarray(x), jax.random.key(1), fill="zeros")
 
 
+@pytest.mark.parametrize("size", [(12, 10), (9, 10), (36, 6), (4, 3), (36, 30), (12, 7), (20, 11)])
+def test_downscale_by_taps_equals_jax_image_resize(size):
+  # factors 3x3, 4x3, 1x5, 9x10, none; (12, 7) and (20, 11) divide neither side: jax.image.resize itself
+  x = jax.random.uniform(jax.random.key(0), (2, 36, 30, 3))
+  expected = jax.image.resize(x, (2, *size, 3), method="linear", antialias=True)
+  np.testing.assert_allclose(np.asarray(augment.downscale(x, *size)), np.asarray(expected), atol=1e-6)
+  wide = jax.random.uniform(jax.random.key(1), (1, 64, 1024, 1))  # the triplet's scales: factors 2, 4, 8
+  for factor in (2, 4, 8):
+    np.testing.assert_allclose(np.asarray(augment.downscale(wide, 64 // factor, 1024 // factor)),
+                               np.asarray(jax.image.resize(wide, (1, 64 // factor, 1024 // factor, 1), "linear",
+                                                           antialias=True)), atol=1e-6)
+
+
+def test_training_patches_in_chunks_give_the_one_pass_embeddings_and_gradients():
+  chunked, whole = methods.build(_toy_config(train_chunk=5)), methods.build(_toy_config(train_chunk=0))
+  patches = jax.random.uniform(jax.random.key(0), (12, 64, 64, 1))  # chunks of 5, 5 and 2
+  params = whole.net.init(jax.random.key(1), patches[:1])["params"]
+  calls = []
+  chunked.embed = lambda params, x: calls.append(x.shape[0]) or whole.embed(params, x)
+  weights = jnp.arange(1.0, 13.0)[:, None, None, None]  # each patch its own weight: the order counts
+  loss = lambda method: lambda p: jnp.sum(weights * method.embed_patches(p, patches) ** 2)
+  value, grads = jax.value_and_grad(loss(chunked))(params)
+  assert calls == [5, 5, 2]
+  expected_value, expected_grads = jax.value_and_grad(loss(whole))(params)
+  np.testing.assert_allclose(float(value), float(expected_value), rtol=1e-6)
+  for a, b in zip(jax.tree.leaves(grads), jax.tree.leaves(expected_grads)):  # up to summation order
+    assert float(jnp.abs(a - b).max()) <= 1e-5 * float(jnp.abs(b).max())
+
+
+def test_a_workdir_is_reused_with_another_train_chunk_but_not_another_model(tmp_path):
+  from adjax import checkpoints
+  trained = _toy_config(train_chunk=16)
+  (tmp_path / "config.json").write_text(trained.to_json_best_effort())
+  checkpoints.check_run_config(str(tmp_path), _toy_config(train_chunk=0), mode="train")
+  with pytest.raises(ConfigError, match="model.filters"):
+    checkpoints.check_run_config(str(tmp_path), _toy_config(train_chunk=0, filters=8))
+
+
 def _toy_config(**model):
   c = triplet_config.get_config("")
   c.data.image_size = 64

@@ -2,13 +2,52 @@
 
 Each op maps (images (B, H, W, C) float, key) -> (augmented images, mask (B, H, W) bool of the
 pixels it changed), draws everything from `key` (a new key each step gives new draws) and has
-static shapes, so it traces once. Methods pick them by name through `OPS`.
+static shapes, so it traces once. Methods pick them by name through `OPS`. `downscale` is no
+op but the deterministic resize that random-scale sampling applies on the device.
 """
 
 import math
 
 import jax
 import jax.numpy as jnp
+import numpy as np
+
+
+def _downscale_axis(x, axis: int, factor: int):
+  """jax.image.resize's antialiased linear (triangle) filter along `axis` by an integer factor: the
+  same weights (a triangle of half-width `factor` around each output pixel's centre, its taps inside
+  the image normalised to sum 1), applied as 2 * factor strided slices instead of a dense matrix."""
+  n = x.shape[axis]
+  m = n // factor
+  centre = (factor - 1) / 2  # output j's centre in the input is j * factor + centre
+  taps = np.arange(-factor, 2 * factor)
+  w = np.maximum(0.0, 1.0 - np.abs(taps - centre) / factor)
+  taps, w = taps[w > 0], w[w > 0]
+  position = np.arange(m)[None, :] * factor + taps[:, None]  # (taps, m): the input index of each tap
+  weights = np.where((position >= 0) & (position < n), w[:, None], 0.0)
+  weights = (weights / weights.sum(axis=0, keepdims=True)).astype(x.dtype)
+  pad = [(0, 0)] * x.ndim
+  pad[axis] = (-taps[0], taps[-1] - (factor - 1))
+  padded = jnp.pad(x, pad)
+  shape = [1] * x.ndim
+  shape[axis] = m
+  out = 0.0
+  for k, t in enumerate(taps):
+    start = t - taps[0]
+    tap = jax.lax.slice_in_dim(padded, start, start + factor * (m - 1) + 1, factor, axis)
+    out = out + tap * jnp.asarray(weights[k]).reshape(shape)
+  return out
+
+
+def downscale(images, height: int, width: int):
+  """jax.image.resize(images (B, H, W, C), (B, height, width, C), 'linear', antialias=True), by taps
+  when H and W are whole multiples of height and width (without the dense resize matrices, whose
+  products dominate a large downscale's cost), otherwise by jax.image.resize itself."""
+  b, h, w, c = images.shape
+  if h % height or w % width:
+    return jax.image.resize(images, (b, height, width, c), method="linear", antialias=True)
+  out = images if h == height else _downscale_axis(images, 1, h // height)
+  return out if w == width else _downscale_axis(out, 2, w // width)
 
 
 def _rectangles(key, b, count, h, w, area_fraction, aspect_range):

@@ -23,6 +23,8 @@ Inputs, declared by class attributes:
                   held out of the test images (calibration_source 'test': labelled, never scored
                   as test) or of the normal training images ('normals': never trained on, no
                   test label read)
+  execution_keys  model.<key>s that change how a step runs on a machine, never what it computes:
+                  a workdir trained with one value is reused with another (checkpoints.check_run_config)
 
 Stages, in the order the loop calls them (all but `train_step` and `score` have defaults):
   check_config(config)                        before any data is read or anything compiled
@@ -74,6 +76,7 @@ class Method:
   calibration_source: str = "test"
   shares_across_categories: bool = False
   alternative_scores: tuple = ()  # the <name>s of its image_score_<name> diagnostics (eval.paper_kfold_svm)
+  execution_keys: tuple = ()
 
   def __init__(self, config):
     self.check_config(config)

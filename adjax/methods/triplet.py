@@ -149,7 +149,8 @@ def calibration_fill(config) -> str:
 
 def grayscale(images):
   """(B, H, W, 3) RGB in [0, 1] -> (B, H, W, 1) luma, min-max scaled per image (Sec. III-B)."""
-  g = jnp.tensordot(images, jnp.asarray([0.299, 0.587, 0.114], images.dtype), axes=([-1], [0]))[..., None]
+  # Written out rather than as a contraction over the channels, which XLA:CPU runs as a separate, slower product.
+  g = (0.299 * images[..., 0] + 0.587 * images[..., 1] + 0.114 * images[..., 2])[..., None]
   lo = g.min(axis=(1, 2, 3), keepdims=True)
   hi = g.max(axis=(1, 2, 3), keepdims=True)
   return (g - lo) / jnp.maximum(hi - lo, 1e-6)
@@ -195,6 +196,7 @@ class Triplet(base.Method):
   calibration_source = "normals"
   shares_across_categories = True  # Sec. III-A: one network for the known classes
   alternative_scores = ("mean_distance", "max_distance")  # diagnostics' image_score_<name>
+  execution_keys = ("train_chunk",)  # `embed_patches`: the same values in either order
 
   @classmethod
   def check_config(cls, config):
@@ -246,6 +248,15 @@ class Triplet(base.Method):
   def embed(self, params, gray):
     return self.net.apply({"params": params}, gray)
 
+  def embed_patches(self, params, patches):
+    """`embed` over the training patches, model.train_chunk at a time when the step runs on one CPU
+    device: the same values (the network has no batch statistics), in an order XLA:CPU runs faster
+    (benchmarks/README.md, triplet speed); elsewhere in one pass."""
+    chunk, n = configlib.added(self.config, "model.train_chunk"), patches.shape[0]
+    if not chunk or chunk >= n or jax.default_backend() != "cpu" or jax.device_count() > 1:
+      return self.embed(params, patches)
+    return jnp.concatenate([self.embed(params, patches[i:i + chunk]) for i in range(0, n, chunk)])
+
   def scale_groups(self, b: int) -> list:
     """How many of a batch's b images take each training scale: as equal as b allows."""
     n = len(self.config.model.scales)
@@ -272,7 +283,7 @@ class Triplet(base.Method):
       s = int(round(side * fraction))
       pair = jnp.concatenate([gray[idx], gray[partner[idx]]])  # anchors' images, then their positives'
       if s != side:
-        pair = jax.image.resize(pair, (2 * g, s, s, 1), method="linear", antialias=True)
+        pair = augment.downscale(pair, s, s)
       corner = (jax.random.uniform(jax.random.fold_in(k_pos, i), (g, count, 2)) * (s - p + 1)).astype(jnp.int32)
       anchors.append(jax.vmap(cut)(pair[:g], corner).reshape(g * count, p, p, 1))
       positives.append(jax.vmap(cut)(pair[g:], corner).reshape(g * count, p, p, 1))  # same place and scale
@@ -283,7 +294,7 @@ class Triplet(base.Method):
 
   def losses(self, params, gray, subclass, key):
     a, p, n, valid = self.sample_patches(gray, subclass, key)
-    fa, fp, fn = jnp.split(self.embed(params, jnp.concatenate([a, p, n]))[:, 0, 0, :], 3)  # one pass of 3N
+    fa, fp, fn = jnp.split(self.embed_patches(params, jnp.concatenate([a, p, n]))[:, 0, 0, :], 3)
     d1, d2 = distance(fa, fp), distance(fa, fn)
     loss = triplet_loss(d1, d2, valid)
     count = jnp.maximum(valid.sum(), 1.0)
