@@ -82,3 +82,20 @@ def test_conv4x4s2_takes_nn_convs_parameters_and_gives_its_output():
   variables = reference.init(jax.random.key(0), x)  # an older checkpoint's discriminator layer
   np.testing.assert_allclose(layers.Conv4x4S2(4).apply(variables, x), reference.apply(variables, x),
                              rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("channels,padding", [(1, "VALID"), (3, "SAME"), (2, ((2, 0), (1, 3))), (16, "VALID")])
+def test_few_channel_conv_gives_nn_convs_output_and_gradients(channels, padding):
+  import flax.linen as nn
+  import jax.numpy as jnp
+  x = jnp.asarray(np.random.default_rng(6).normal(size=(2, 11, 9, channels)).astype(np.float32))
+  reference = nn.Conv(5, (3, 3), padding=padding)
+  few = nn.Conv(5, (3, 3), padding=padding, conv_general_dilated=layers.few_channel_conv)
+  params = reference.init(jax.random.key(0), x)
+  by_products = "custom_vjp_call" in str(jax.make_jaxpr(few.apply)(params, x))
+  assert by_products == (channels <= layers.FEW_INPUT_CHANNELS and jax.default_backend() == "cpu")
+  np.testing.assert_allclose(few.apply(params, x), reference.apply(params, x), rtol=1e-5, atol=1e-5)
+  loss = lambda conv: lambda p, x: jnp.sum(jnp.sin(conv.apply(p, x)))
+  expected = jax.grad(loss(reference), argnums=(0, 1))(params, x)
+  for a, b in zip(jax.tree.leaves(jax.grad(loss(few), argnums=(0, 1))(params, x)), jax.tree.leaves(expected)):
+    assert float(jnp.abs(a - b).max()) <= 1e-5 * float(jnp.abs(b).max())

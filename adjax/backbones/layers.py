@@ -5,6 +5,7 @@ Module names follow the torch state-dict path with numeric parts joined by '_'
 (see convert.py).
 """
 
+import functools
 import math
 from collections.abc import Sequence
 from typing import Any
@@ -45,6 +46,63 @@ def conv2d(x, kernel, stride: int, padding, groups: int = 1):
     return out
   return jax.lax.conv_general_dilated(x, kernel, (stride, stride), ((pt, pb), (pl, pr)),
                                       dimension_numbers=("NHWC", "HWIO", "NHWC"), feature_group_count=groups)
+
+
+def _shifted_products(x, kernel, padding):
+  (pt, pb), (pl, pr) = padding
+  xp = jnp.pad(x, ((0, 0), (pt, pb), (pl, pr), (0, 0)))
+  kh, kw, cin, _ = kernel.shape
+  h, w = xp.shape[1] - kh + 1, xp.shape[2] - kw + 1
+  out = None
+  for dy in range(kh):
+    for dx in range(kw):
+      for c in range(cin):
+        term = xp[:, dy:dy + h, dx:dx + w, c:c + 1] * kernel[dy, dx, c]
+        out = term if out is None else out + term
+  return out
+
+
+def _lax_conv(x, kernel, padding):
+  return jax.lax.conv_general_dilated(x, kernel, (1, 1), padding, dimension_numbers=("NHWC", "HWIO", "NHWC"))
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2,))
+def conv_by_shifted_products(x, kernel, padding):
+  """Stride-1 NHWC convolution with an HWIO kernel and padding ((top, bottom), (left, right)), as a
+  fused sum of kh * kw * C_in shifted products (the same values up to float summation order); its
+  gradient is XLA's convolution's, which XLA:CPU runs faster than that of the sum. For inputs of
+  one to three channels, where XLA:CPU's convolution is slow (benchmarks/README.md)."""
+  return _shifted_products(x, kernel, padding)
+
+
+def _shifted_products_fwd(x, kernel, padding):
+  return _shifted_products(x, kernel, padding), (x, kernel)
+
+
+def _shifted_products_bwd(padding, residuals, dy):
+  return jax.vjp(lambda x, kernel: _lax_conv(x, kernel, padding), *residuals)[1](dy)
+
+
+conv_by_shifted_products.defvjp(_shifted_products_fwd, _shifted_products_bwd)
+
+NHWC = ("NHWC", "HWIO", "NHWC")
+FEW_INPUT_CHANNELS = 3
+
+
+def few_channel_conv(lhs, rhs, window_strides, padding, lhs_dilation=None, rhs_dilation=None,
+                     dimension_numbers=None, feature_group_count=1, **kwargs):
+  """lax.conv_general_dilated, for nn.Conv(conv_general_dilated=...): on CPU a stride-1, undilated NHWC
+  convolution of at most FEW_INPUT_CHANNELS input channels by conv_by_shifted_products."""
+  plain = (tuple(window_strides) == (1, 1) and all(d in (None, 1, (1, 1)) for d in (lhs_dilation, rhs_dilation))
+           and feature_group_count == 1 and rhs.shape[2] <= FEW_INPUT_CHANNELS and jax.default_backend() == "cpu"
+           and jax.lax.conv_dimension_numbers(lhs.shape, rhs.shape, dimension_numbers)
+           == jax.lax.conv_dimension_numbers(lhs.shape, rhs.shape, NHWC))
+  if not plain:
+    return jax.lax.conv_general_dilated(lhs, rhs, window_strides, padding, lhs_dilation, rhs_dilation,
+                                        dimension_numbers, feature_group_count, **kwargs)
+  if isinstance(padding, str):
+    padding = jax.lax.padtype_to_pads(lhs.shape[1:3], rhs.shape[:2], (1, 1), padding)
+  return conv_by_shifted_products(lhs, rhs, tuple(tuple(int(p) for p in side) for side in padding))
 
 
 class Conv(nn.Module):

@@ -68,6 +68,7 @@ import optax
 from absl import logging
 
 from adjax import configlib
+from adjax.backbones import layers
 from adjax.data import augment
 from adjax.errors import ConfigError
 from adjax.linear_svm import linear_svm
@@ -131,8 +132,9 @@ class Embedding(nn.Module):
 
   @nn.compact
   def __call__(self, x):
-    for i in range(self.stem):
-      x = nn.relu(nn.Conv(self.filters, (3, 3), padding="VALID", name=f"stem{i}")(x))
+    for i in range(self.stem):  # the first has one input channel: layers.few_channel_conv
+      x = nn.relu(nn.Conv(self.filters, (3, 3), padding="VALID", conv_general_dilated=layers.few_channel_conv,
+                          name=f"stem{i}")(x))
     x = max_pool_2x2(x)
     for i in range(self.blocks):
       x = ResidualBlock(self.filters, name=f"block{i}")(x)
