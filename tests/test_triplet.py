@@ -271,7 +271,8 @@ def test_the_known_class_protocol_moves_half_the_training_normals_to_the_test_se
                                        ({"scales": (1.0, 0.25)}, "model.scales"),
                                        ({"patch_size": 32}, "model.patch_size"),
                                        ({"calibration_fill": "zeros"}, "model.calibration_fill"),
-                                       ({"distance_scale": "std"}, "model.distance_scale")])
+                                       ({"distance_scale": "std"}, "model.distance_scale"),
+                                       ({"train_chunk": -1}, "model.train_chunk")])
 def test_bad_keys_are_named(bad, match):
   from adjax.errors import ConfigError
   with pytest.raises(ConfigError, match=match):

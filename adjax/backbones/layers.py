@@ -62,8 +62,12 @@ def _shifted_products(x, kernel, padding):
   return out
 
 
+NHWC = ("NHWC", "HWIO", "NHWC")
+FEW_INPUT_CHANNELS = 3
+
+
 def _lax_conv(x, kernel, padding):
-  return jax.lax.conv_general_dilated(x, kernel, (1, 1), padding, dimension_numbers=("NHWC", "HWIO", "NHWC"))
+  return jax.lax.conv_general_dilated(x, kernel, (1, 1), padding, dimension_numbers=NHWC)
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(2,))
@@ -84,9 +88,6 @@ def _shifted_products_bwd(padding, residuals, dy):
 
 
 conv_by_shifted_products.defvjp(_shifted_products_fwd, _shifted_products_bwd)
-
-NHWC = ("NHWC", "HWIO", "NHWC")
-FEW_INPUT_CHANNELS = 3
 
 
 def few_channel_conv(lhs, rhs, window_strides, padding, lhs_dilation=None, rhs_dilation=None,

@@ -219,6 +219,10 @@ class Triplet(base.Method):
       raise ConfigError(f"model.scales {tuple(m.scales)} resize the {side}-pixel input down to {smallest} pixels, "
                         f"smaller than one {m.patch_size}-pixel patch (model.patch_size): raise data.image_size or "
                         "drop the smallest scale.")
+    chunk = configlib.added(config, "model.train_chunk")
+    if not isinstance(chunk, int) or chunk < 0:
+      raise ConfigError(f"model.train_chunk={chunk!r} must be a whole number >= 0 (patches per network pass in a "
+                        "CPU training step; 0: all at once).")
     if output_side(m.patch_size, m.stem, m.blocks) != 1:
       raise ConfigError(f"model.patch_size={m.patch_size} must map to one embedding (1x1) through "
                         f"{m.stem} stem convolutions and {m.blocks} residual blocks; the paper's is 64.")
