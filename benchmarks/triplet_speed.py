@@ -168,8 +168,9 @@ def main():
   parser.add_argument("--variant", default="mvtec_ad", help="configs/triplet.py variant giving the shapes")
   parser.add_argument("--batch", type=int, default=None, help="images per step; default: the variant's")
   parser.add_argument("--size", type=int, default=None, help="default: the variant's input side")
-  parser.add_argument("--steps", type=int, default=3)
-  parser.add_argument("--warmup", type=int, default=1)
+  # torch's first steps are slow (its batch shape changes with its scale draws): short runs flatter adjax.
+  parser.add_argument("--steps", type=int, default=16)
+  parser.add_argument("--warmup", type=int, default=2)
   parser.add_argument("--score-images", type=int, default=4, help="timed 1-image scoring calls")
   parser.add_argument("--precision", default="float32", choices=timing.PRECISIONS,
                       help="float32 matmul/conv precision on both sides (timing.set_precision)")
