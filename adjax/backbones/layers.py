@@ -7,6 +7,7 @@ Module names follow the torch state-dict path with numeric parts joined by '_'
 
 import functools
 import math
+import operator
 from collections.abc import Sequence
 from typing import Any
 
@@ -15,6 +16,24 @@ import jax
 import jax.numpy as jnp
 
 Dtype = Any
+
+
+NHWC = ("NHWC", "HWIO", "NHWC")
+FEW_INPUT_CHANNELS = 3
+
+
+def _tap_windows(x, kh: int, kw: int, stride: int, padding):
+  """(dy, dx, window) for each tap of a kh x kw kernel: the slice of the zero-padded NHWC input that
+  the tap multiplies at every output position."""
+  (pt, pb), (pl, pr) = padding
+  xp = jnp.pad(x, ((0, 0), (pt, pb), (pl, pr), (0, 0)))
+  out_h = (xp.shape[1] - kh) // stride + 1
+  out_w = (xp.shape[2] - kw) // stride + 1
+  for dy in range(kh):
+    for dx in range(kw):
+      yield dy, dx, jax.lax.slice(xp, (0, dy, dx, 0),
+                                  (xp.shape[0], dy + (out_h - 1) * stride + 1, dx + (out_w - 1) * stride + 1,
+                                   xp.shape[3]), (1, stride, stride, 1))
 
 
 def conv2d(x, kernel, stride: int, padding, groups: int = 1):
@@ -32,42 +51,17 @@ def conv2d(x, kernel, stride: int, padding, groups: int = 1):
     return jnp.einsum("bhwc,co->bhwo", x, kernel[0, 0])
   depthwise = groups > 1 and groups == x.shape[-1] and kernel.shape[2] == 1 and kernel.shape[3] == groups
   if depthwise and jax.default_backend() == "cpu":
-    xp = jnp.pad(x, ((0, 0), (pt, pb), (pl, pr), (0, 0)))
-    out_h = (xp.shape[1] - k) // stride + 1
-    out_w = (xp.shape[2] - k) // stride + 1
-    out = None
-    for dy in range(k):
-      for dx in range(k):
-        window = jax.lax.slice(xp, (0, dy, dx, 0),
-                               (xp.shape[0], dy + (out_h - 1) * stride + 1, dx + (out_w - 1) * stride + 1, xp.shape[3]),
-                               (1, stride, stride, 1))
-        term = window * kernel[dy, dx, 0]
-        out = term if out is None else out + term
-    return out
-  return jax.lax.conv_general_dilated(x, kernel, (stride, stride), ((pt, pb), (pl, pr)),
-                                      dimension_numbers=("NHWC", "HWIO", "NHWC"), feature_group_count=groups)
+    return functools.reduce(operator.add, (window * kernel[dy, dx, 0]
+                                           for dy, dx, window in _tap_windows(x, k, k, stride, padding)))
+  return jax.lax.conv_general_dilated(x, kernel, (stride, stride), ((pt, pb), (pl, pr)), dimension_numbers=NHWC,
+                                      feature_group_count=groups)
 
 
 def _shifted_products(x, kernel, padding):
-  (pt, pb), (pl, pr) = padding
-  xp = jnp.pad(x, ((0, 0), (pt, pb), (pl, pr), (0, 0)))
   kh, kw, cin, _ = kernel.shape
-  h, w = xp.shape[1] - kh + 1, xp.shape[2] - kw + 1
-  out = None
-  for dy in range(kh):
-    for dx in range(kw):
-      for c in range(cin):
-        term = xp[:, dy:dy + h, dx:dx + w, c:c + 1] * kernel[dy, dx, c]
-        out = term if out is None else out + term
-  return out
-
-
-NHWC = ("NHWC", "HWIO", "NHWC")
-FEW_INPUT_CHANNELS = 3
-
-
-def _lax_conv(x, kernel, padding):
-  return jax.lax.conv_general_dilated(x, kernel, (1, 1), padding, dimension_numbers=NHWC)
+  return functools.reduce(operator.add, (window[..., c:c + 1] * kernel[dy, dx, c]
+                                         for dy, dx, window in _tap_windows(x, kh, kw, 1, padding)
+                                         for c in range(cin)))
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(2,))
@@ -84,7 +78,7 @@ def _shifted_products_fwd(x, kernel, padding):
 
 
 def _shifted_products_bwd(padding, residuals, dy):
-  return jax.vjp(lambda x, kernel: _lax_conv(x, kernel, padding), *residuals)[1](dy)
+  return jax.vjp(lambda x, kernel: conv2d(x, kernel, 1, padding), *residuals)[1](dy)
 
 
 conv_by_shifted_products.defvjp(_shifted_products_fwd, _shifted_products_bwd)
