@@ -12,7 +12,8 @@ benchmarks/triplet_speed.py); for FEGAN ('mvtec_ad_lite0': quarter-width VGG19 e
 16) one pass on both sides. A layer that occurs several times in the network (the triplet's residual
 blocks shrink by 2 pixels a convolution; FEGAN's stages repeat widths) is timed once per distinct shape
 and counted with its multiplicity in the network's total. GFLOP/s counts the three products
-(2 x 3 x output pixels x 9 x C_in x C_out; two for the first layer). Both sides use all cores.
+(2 x 3 x output pixels x 9 x C_in x C_out; two for the first layer), img/s the layer's images (the
+triplet's patches) a second. Both sides use all cores.
 A last table times the three products alone for a few of those layers (PyTorch's through
 torch.nn.grad), at JAX's chunk and at PyTorch's pass size, to show which of them differs.
 """
@@ -42,9 +43,9 @@ NHWC = ("NHWC", "HWIO", "NHWC")
 def triplet_layers(chunk=None):
   """(name, count, batch, side, c_in, c_out, padding, jax chunk, torch pass, input gradient) of the
   network's 16 -> 16 layers (the first, 1 -> 16, runs as shifted products in adjax), by distinct shape."""
-  c = triplet_config.get_config("mvtec_ad")
-  m = c.model
-  triplets = c.train.batch_size * sum(m.patches_per_scale) // len(m.scales)  # 192: the scales' equal shares
+  config = triplet_config.get_config("mvtec_ad")
+  m = config.model
+  triplets = config.train.batch_size * sum(m.patches_per_scale) // len(m.scales)  # 192: the scales' equal shares
   patches, chunk, torch_pass = 3 * triplets, chunk or m.train_chunk, triplets  # torch: a, p and n passes
   patch, filters, stem, blocks = m.patch_size, m.filters, m.stem, m.blocks
   rows, side = [], patch - 2
@@ -59,10 +60,10 @@ def triplet_layers(chunk=None):
   return rows
 
 
-def fegan_layers(chunk=None):
+def fegan_layers():
   """The same for FEGAN's encoder (VGG19's convolution blocks, 'same' padding, average pooling)."""
-  c = fegan_config.get_config("mvtec_ad_lite0")
-  batch, side, width = c.train.batch_size, configlib.input_size(c), c.model.width
+  config = fegan_config.get_config("mvtec_ad_lite0")
+  batch, side, width = config.train.batch_size, configlib.input_size(config), config.model.width
   rows, c_in = [], 3
   for stage, (n, c) in enumerate(((2, 64), (2, 128), (4, 256), (4, 512), (4, 512))):
     c = int(c * width)
@@ -150,21 +151,24 @@ def time_products(batch, side, c_in, c_out, padding, warmup, repeats):
 
 def main():
   parser = argparse.ArgumentParser()
-  parser.add_argument("--networks", default="triplet,fegan")
+  parser.add_argument("--networks", default="triplet,fegan", help="comma-separated: triplet, fegan")
   parser.add_argument("--warmup", type=int, default=2)
   parser.add_argument("--repeats", type=int, default=5, help="timed calls per layer and side (the median)")
   parser.add_argument("--triplet-chunk", type=int, default=None,
                       help="patches per JAX pass for the triplet; default: the config's model.train_chunk")
   args = parser.parse_args()
+  networks = args.networks.split(",")
+  if not set(networks) <= {"triplet", "fegan"}:
+    parser.error(f"--networks takes triplet and/or fegan, not {args.networks!r}")
   torch.set_num_threads(os.cpu_count())
   print(f"jax {jax.__version__} ({jax.default_backend()}), torch {torch.__version__} "
         f"({torch.get_num_threads()} threads); forward + backward per layer, float32, median of {args.repeats} "
         f"after {args.warmup}", flush=True)
   wall = time.perf_counter()
-  for network in args.networks.split(","):
-    rows = {"triplet": triplet_layers, "fegan": fegan_layers}[network](args.triplet_chunk)
+  for network in networks:
+    rows = triplet_layers(args.triplet_chunk) if network == "triplet" else fegan_layers()
     print(f"\n{network}: {'layer':<22} {'count':>5} {'images':>6} {'torch ms':>9} {'adjax ms':>9} {'ratio':>6} "
-          f"{'torch GFLOP/s':>13} {'adjax GFLOP/s':>13}")
+          f"{'torch img/s':>11} {'adjax img/s':>11} {'torch GFLOP/s':>13} {'adjax GFLOP/s':>13}")
     totals = np.zeros(2)
     for name, count, batch, side, c_in, c_out, padding, chunk, torch_pass, grad_x in rows:
       t = time_torch(batch, side, c_in, c_out, padding, torch_pass, grad_x, args.warmup, args.repeats)
@@ -172,15 +176,17 @@ def main():
       f = flops(batch, side, c_in, c_out, padding, grad_x) / 1e9
       totals += count * np.array([t, j])
       print(f"{'':9}{name:<22} {count:>5} {batch:>6} {t * 1e3:9.1f} {j * 1e3:9.1f} {t / j:5.2f}x "
-            f"{f / t:13.1f} {f / j:13.1f}", flush=True)
+            f"{batch / t:11.0f} {batch / j:11.0f} {f / t:13.1f} {f / j:13.1f}", flush=True)
     print(f"{'':9}{'all layers, counted':<22} {'':>5} {'':>6} {totals[0] * 1e3:9.1f} {totals[1] * 1e3:9.1f} "
           f"{totals[0] / totals[1]:5.2f}x")
   print(f"\nthe three products alone, one batch of the given size (ms, torch / adjax):\n{'':9}{'layer':<22} "
         f"{'images':>6} {'forward':>15} {'input gradient':>15} {'weight gradient':>15}")
-  products = [("triplet", r, b) for r in triplet_layers(args.triplet_chunk)[:3:2] for b in (r[7], r[8])]
-  products += [("fegan", fegan_layers()[1], fegan_layers()[1][2])]
+  tri = triplet_layers(args.triplet_chunk)
+  first_block = next(r for r in tri if r[0].startswith("block"))
+  products = [("triplet", r, b) for r in (tri[0], first_block) for b in (r[7], r[8])]  # JAX's chunk, torch's pass
+  products.append(("fegan", fegan_layers()[1], fegan_layers()[1][2]))  # the 256x256 16 -> 16 layer
   for network, (name, _, _, side, c_in, c_out, padding, *_), batch in products:
-    if network in args.networks.split(","):
+    if network in networks:
       jax_s, torch_s = time_products(batch, side, c_in, c_out, padding, args.warmup, args.repeats)
       cells = " ".join(f"{t * 1e3:7.1f}/{j * 1e3:<7.1f}" for t, j in zip(torch_s, jax_s))
       print(f"{'':9}{network + ' ' + name:<22} {batch:>6} {cells}", flush=True)
