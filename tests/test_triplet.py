@@ -8,6 +8,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from flax import linen as nn
 
 from adjax import caches, methods, train
 from adjax.data import augment, datasets
@@ -32,6 +33,20 @@ def test_residual_block_adds_its_input_cropped_by_two_on_every_side():
   np.testing.assert_array_equal(np.asarray(block.apply(zero, x)), np.asarray(x)[:, 2:-2, 2:-2, :])
   convolved = block.apply(params, x) - x[:, 2:-2, 2:-2, :]
   assert convolved.shape == (1, 5, 7, 4) and float(jnp.abs(convolved).max()) > 0
+
+
+@pytest.mark.parametrize("shape", [(2, 8, 6, 3), (1, 7, 9, 2)])
+def test_max_pool_is_flax_max_pool_with_its_gradient_ties_included(shape):
+  x = jnp.round(2 * jax.random.normal(jax.random.key(0), shape))  # small integers: windows with tied maxima
+  reference = lambda x: nn.max_pool(x, (2, 2), (2, 2))  # noqa: E731 - valid windows: an odd last row/column dropped
+  out, pull = jax.vjp(triplet.max_pool_2x2, x)
+  want, want_pull = jax.vjp(reference, x)
+  np.testing.assert_array_equal(np.asarray(out), np.asarray(want))
+  g = jax.random.normal(jax.random.key(1), out.shape)
+  np.testing.assert_array_equal(np.asarray(pull(g)[0]), np.asarray(want_pull(g)[0]))
+  b, h, w, c = shape
+  windows = np.asarray(x)[:, :h // 2 * 2, :w // 2 * 2].reshape(b, h // 2, 2, w // 2, 2, c)
+  assert (np.sum(windows == windows.max(axis=(2, 4), keepdims=True), axis=(2, 4)) > 1).any()  # ties were tested
 
 
 def test_random_erasing_changes_pixels_only_inside_its_rectangle():

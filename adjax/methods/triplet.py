@@ -95,7 +95,11 @@ def max_pool_2x2(x):
   """nn.max_pool(x, (2, 2), (2, 2)) (NHWC; an odd last row or column dropped), whose gradient goes
   to each window's first maximum in row-major order, as XLA's select-and-scatter does (ties
   included), computed as an argmax: on CPU far faster (benchmarks/README.md, triplet speed)."""
-  return _pool_windows(x).max(axis=(2, 4))
+  # The maximum of the window's four strided corners: XLA:CPU ran the reshape-and-reduce form as a slower
+  # YNNPACK reduction (benchmarks/README.md, triplet speed).
+  h, w = x.shape[1] // 2 * 2, x.shape[2] // 2 * 2
+  corner = lambda i, j: x[:, i:h:2, j:w:2]  # noqa: E731
+  return jnp.maximum(jnp.maximum(corner(0, 0), corner(0, 1)), jnp.maximum(corner(1, 0), corner(1, 1)))
 
 
 def _max_pool_fwd(x):
