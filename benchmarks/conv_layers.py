@@ -79,17 +79,23 @@ def flops(batch, side, c_in, c_out, padding, input_gradient):
   return 2 * (3 if input_gradient else 2) * batch * out * out * 9 * c_in * c_out
 
 
-def time_jax(batch, side, c_in, c_out, padding, chunk, input_gradient, warmup, repeats):
+def jax_layer(batch, side, c_in, c_out, padding):
+  """(input, output gradient, kernel, conv(x, w)) of one layer in JAX, random."""
   rng = np.random.default_rng(0)
   out = side + 2 * padding - 2
   x = jnp.asarray(rng.standard_normal((batch, side, side, c_in), np.float32))
   g = jnp.asarray(rng.standard_normal((batch, out, out, c_out), np.float32))
   w = jnp.asarray(rng.standard_normal((3, 3, c_in, c_out), np.float32) * 0.1)
-  b = jnp.zeros((c_out,), jnp.float32)
   pads = ((padding, padding), (padding, padding))
+  return x, g, w, lambda x, w: jax.lax.conv_general_dilated(x, w, (1, 1), pads, dimension_numbers=NHWC)
+
+
+def time_jax(batch, side, c_in, c_out, padding, chunk, input_gradient, warmup, repeats):
+  x, g, w, conv = jax_layer(batch, side, c_in, c_out, padding)
+  b = jnp.zeros((c_out,), jnp.float32)
 
   def layer(x, w, b):
-    return jax.lax.conv_general_dilated(x, w, (1, 1), pads, dimension_numbers=NHWC) + b
+    return conv(x, w) + b
 
   @jax.jit
   def step(x, g, w, b):
@@ -128,13 +134,8 @@ def time_torch(batch, side, c_in, c_out, padding, torch_pass, input_gradient, wa
 
 def time_products(batch, side, c_in, c_out, padding, warmup, repeats):
   """Seconds of the forward, the input gradient and the weight gradient alone, one batch, (JAX, torch)."""
-  rng = np.random.default_rng(0)
-  out = side + 2 * padding - 2
-  x = jnp.asarray(rng.standard_normal((batch, side, side, c_in), np.float32))
-  g = jnp.asarray(rng.standard_normal((batch, out, out, c_out), np.float32))
-  w = jnp.asarray(rng.standard_normal((3, 3, c_in, c_out), np.float32) * 0.1)
-  pads = ((padding, padding), (padding, padding))
-  conv = lambda x, w: jax.lax.conv_general_dilated(x, w, (1, 1), pads, dimension_numbers=NHWC)  # noqa: E731
+  x, g, w, conv = jax_layer(batch, side, c_in, c_out, padding)
+  out = g.shape[1]
   jitted = (jax.jit(conv), jax.jit(lambda x, w, g: jax.vjp(lambda x: conv(x, w), x)[1](g)[0]),
             jax.jit(lambda x, w, g: jax.vjp(lambda w: conv(x, w), w)[1](g)[0]))
   args = ((x, w), (x, w, g), (x, w, g))
