@@ -232,9 +232,14 @@ def decision_rule(held, count) -> dict:
                   "(threshold - their median)"}
 
 
-def normalised_scores(decision, scores):
-  spread = max(decision["threshold"] - decision["normal_median"], 1e-12)
-  return (np.asarray(scores, np.float64) - decision["normal_median"]) / spread
+def normalised_scores(decision, scores) -> list:
+  """(score - median) / (threshold - median) per score; None for every score when the threshold is
+  not above the median (one held-out image, tied held-out scores, or a --threshold at or below the
+  median): there is then no scale to normalise by, and a tiny one would give meaningless huge values."""
+  spread = decision["threshold"] - decision["normal_median"]
+  if not spread > 0:
+    return [None] * len(scores)
+  return [float(s) for s in (np.asarray(scores, np.float64) - decision["normal_median"]) / spread]
 
 
 def decision_report(category, decision, scored) -> dict:

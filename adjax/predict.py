@@ -2,11 +2,12 @@
 
 Writes into --output_dir (default: a new folder <workdir>/predictions/<date-time> per run, so
 runs never mix): predictions.csv and predictions.json (per image, ranked by score: path,
-score, normalised score, anomalous), maps/<name>.npy (the anomaly map: at the image's own
-resolution in the whole-image modes, data.resize squash or pad, capped by
-eval.metric_max_side; at the centre crop's in 'crop' mode) and overlays/<name>.png, coloured on
-the fixed scale of the model's held-out normal images. <name> is the file name's stem, with
-its extension added where two inputs share a stem (img.png, img.jpg -> img_png, img_jpg).
+score, normalised score (empty where the threshold is not above the held-out median), anomalous),
+maps/<name>.npy (the anomaly map: at the image's own resolution in the whole-image modes,
+data.resize squash or pad, capped by eval.metric_max_side; at the centre crop's in 'crop' mode)
+and overlays/<name>.png, coloured on the fixed scale of the model's held-out normal images.
+<name> is the file name's stem, with its extension added where two inputs share a stem
+(img.png, img.jpg -> img_png, img_jpg).
 The decision uses the threshold stored at training (evaluate.decision_rule) or --threshold.
 """
 
@@ -81,7 +82,7 @@ def run(config, workdir: str, input_dir: str, output_dir: str = "", threshold: f
     score = float(scored["scores"][i])
     row = {"image": record.path, "name": name, "score": score}
     if decision is not None:
-      row["normalised_score"] = float(evaluate.normalised_scores(decision, [score])[0])
+      row["normalised_score"] = evaluate.normalised_scores(decision, [score])[0]
       row["anomalous"] = bool(score > decision["threshold"])
     results.append(row)
   results.sort(key=lambda r: -r["score"])
@@ -118,6 +119,12 @@ def _decision(workdir, category, threshold):
                     "anomalous/normal decision. Pass --threshold=<score> to decide.", workdir)
   else:
     logging.info("Decisions at the stored threshold %.4g (%s)", decision["threshold"], path)
+  if decision is not None and not decision["threshold"] > decision["normal_median"]:
+    logging.warning("The threshold %.4g is not above the held-out normal images' median score %.4g (%s), so "
+                    "normalised scores are left empty; decisions are unaffected.", decision["threshold"],
+                    decision["normal_median"], "a --threshold at or below it" if threshold is not None else
+                    "one held-out image, or tied scores: train with more normal images or a larger "
+                    "data.threshold_fraction")
   return decision
 
 

@@ -8,8 +8,9 @@ all a production line needs:
 
 or from Python: `Scorer(folder).score(paths)`. Each result has the image's path, its anomaly
 score, the normalised score (0 at the model's held-out normal images' median, 1 at the
-threshold), `anomalous` at the stored threshold, and the anomaly map at the image's own
-resolution in the whole-image modes (data.resize squash or pad).
+threshold; None when the threshold is not above that median), `anomalous` at the stored
+threshold, and the anomaly map at the image's own resolution in the whole-image modes
+(data.resize squash or pad).
 """
 
 import json
@@ -55,8 +56,9 @@ class Scorer:
     result = {"image": path, "score": score, "map": amap}
     decision = m.get("decision")
     if decision:
-      spread = max(decision["threshold"] - decision["normal_median"], 1e-12)
-      result["normalised_score"] = (score - decision["normal_median"]) / spread
+      # evaluate.normalised_scores: no scale, so None, when the threshold is not above the median.
+      spread = decision["threshold"] - decision["normal_median"]
+      result["normalised_score"] = (score - decision["normal_median"]) / spread if spread > 0 else None
       result["anomalous"] = score > decision["threshold"]
     return result
 

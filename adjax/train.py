@@ -51,9 +51,10 @@ def load_splits(config, method) -> list:
   novel = configlib.novel_categories(config)
   absent = [n for n in novel if n not in categories]
   if absent:  # e.g. the paper's novel MVTec classes on a root holding only some categories
+    shown = [c or os.path.basename(os.path.normpath(root)) for c in categories]  # "": a root that is one category
     logging.warning("data.novel_categories names %s, not among this run's categories (%s): not tested. If a "
                     "name is misspelt, the category it meant is trained on as a known one.", ", ".join(absent),
-                    ", ".join(categories))
+                    ", ".join(shown))
   if novel and not set(categories) - set(novel):
     raise ConfigError(f"Every category of the run ({', '.join(categories)}) is in data.novel_categories, so the "
                       "shared model has nothing to train on; leave at least one category out of it.")
@@ -86,6 +87,12 @@ def load_splits(config, method) -> list:
                  if split.held_out else "",
                  f", {len(split.calibration)} held out for calibration" if split.calibration else "",
                  f", unseen subclasses {split.unseen_subclasses}" if split.unseen_subclasses else "")
+    if split.held_out and len(split.held_out) < 5:  # then a fifth or more of normal images score above the threshold
+      n = len(split.held_out)
+      logging.warning("%s: the decision threshold is the largest score of %d held-out normal image%s, so about 1 in "
+                      "%d normal images will score above it%s. More normal training images, or a larger "
+                      "data.threshold_fraction, make it tighter.", split.category, n, "s" * (n > 1), n + 1,
+                      "; with one image there are no normalised scores" if n == 1 else "")
     splits.append(split)
   return splits
 

@@ -7,6 +7,7 @@ import socket
 import subprocess
 import sys
 
+import numpy as np
 import pytest
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -57,6 +58,20 @@ def test_eval_reproduces_train_metrics(trained, tmp_path):
   last = result.stdout.strip().splitlines()[-1]
   assert last.startswith(f"mean image AUROC {100 * after['mean']['image_auroc']:.2f}, pixel AUROC "), last
   assert "pixel_iou" in (workdir / "metrics.md").read_text()
+
+
+def test_normalised_scores_are_empty_without_a_scale_in_predict_and_the_exported_scorer():
+  from adjax import evaluate, scorer_runtime
+  scorer = object.__new__(scorer_runtime.Scorer)  # its decision rule only: no exported program needed
+  amap = np.zeros((4, 4), np.float32)
+  cases = [({"threshold": 3.0, "normal_median": 1.0}, [1.0, 3.0, 5.0], [0.0, 1.0, 2.0]),
+           ({"threshold": 2.0, "normal_median": 2.0}, [1.0, 2.0, 9.0], [None] * 3),  # one held-out image
+           ({"threshold": -1.0, "normal_median": 0.0}, [-2.0, 0.5], [None] * 2)]  # --threshold below the median
+  for decision, scores, expected in cases:
+    assert evaluate.normalised_scores(decision, scores) == pytest.approx(expected)
+    scorer.meta = {"resize": "crop", "decision": decision}
+    exported = [scorer._result("x.png", (4, 4), s, amap)["normalised_score"] for s in scores]
+    assert exported == pytest.approx(expected)
 
 
 def test_predict_decides_and_never_mixes_runs(trained, tmp_path):
