@@ -108,6 +108,12 @@ def _log_geometry(config, category, sizes) -> None:
       logging.warning("%s: data.resize=crop scores %.1f%% of an image's pixels on average (%.1f%% of the least "
                       "covered); the rest is never scored. data.resize=squash or pad scores whole images.",
                       category or "data", 100 * kept.mean(), 100 * kept.min())
+  elif aspects[-1] >= 3.0 and d.resize == "squash":  # e.g. line-scan strips: the long side loses 3x more
+    logging.warning("%s: data.resize=squash: whole images of aspect ratios %s..%s squashed to %dx%d, so the long "
+                    "side is shrunk up to %.1f times more than the short one and defects narrow along it may vanish. "
+                    "Cutting such images into near-square tiles (each tile an image) keeps their resolution; "
+                    "data.resize=pad keeps their shape.", category or "data", aspects[0], aspects[-1],
+                    d.image_size, d.image_size, aspects[-1])
   elif aspects[-1] > 1.0:
     logging.info("%s: data.resize=%s: whole images of aspect ratios %s..%s %s to %dx%d", category or "data",
                  d.resize, aspects[0], aspects[-1], "squashed" if d.resize == "squash" else "padded", d.image_size,

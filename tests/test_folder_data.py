@@ -11,7 +11,7 @@ from PIL import Image
 
 from adjax import train
 from adjax.data import datasets
-from adjax.errors import DataError
+from adjax.errors import ConfigError, DataError
 from configs import patch_knn
 
 
@@ -45,6 +45,13 @@ def test_a_folder_is_one_category_whatever_data_category_says(tmp_path):
   _folder(str(tmp_path / "lines" / "b"))
   os.makedirs(tmp_path / "lines" / "notes")
   assert datasets.categories_from_config("folder", str(tmp_path / "lines"), "all") == ["a", "b"]
+  for category in ("cloth,wood,metal", "a,c", ""):  # categories it lacks are named, with the ones it has
+    with pytest.raises(ConfigError, match=r"lines.*; it holds the categories a, b .*'all'"):
+      datasets.categories_from_config("folder", str(tmp_path / "lines"), category)
+  with pytest.raises(DataError, match="holds no categories"):  # 'all' finding nothing: never an empty run
+    datasets.categories_from_config("folder", str(tmp_path / "lines" / "notes"), "all")
+  with pytest.raises(DataError, match="data.root"):
+    datasets.categories_from_config("folder", str(tmp_path / "nowhere"), "all")
   assert datasets.read_split("folder", str(tmp_path / "lines"), "b").category == "b"
   # An empty folder is named by the category it is, not by data.category's empty string.
   os.makedirs(tmp_path / "empty" / "train" / "good")
@@ -75,3 +82,13 @@ def test_the_run_logs_each_test_folders_role_and_explains_a_test_set_without_def
   assert report["only_good"]["image_auroc"] is None
   assert "does not apply" in caplog.text and "only_good test folders: normal: normal (1 images)" in caplog.text
   assert "no anomalous test images" in caplog.text
+
+
+def test_strongly_rectangular_images_squashed_get_a_warning_with_what_to_do(caplog):
+  config = patch_knn.get_config("")
+  with caplog.at_level(logging.INFO):
+    train._log_geometry(config, "strip", [(600, 60), (640, 60)])  # line-scan strips, aspect 10 to 10.67
+    train._log_geometry(config, "photo", [(400, 300)])
+  warned = [r for r in caplog.records if r.levelno == logging.WARNING]
+  assert len(warned) == 1 and "strip" in warned[0].getMessage() and "tiles" in warned[0].getMessage()
+  assert "photo: data.resize=squash: whole images of aspect ratios 1.33..1.33" in caplog.text

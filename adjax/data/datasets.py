@@ -183,13 +183,17 @@ def list_categories(name: str, root: str) -> list:
                 and d not in ("split_csv",) and not d.startswith("."))
 
 
-def read_split(name: str, root: str, category: str) -> Split:
-  """Train/test records of one category. Raises DataError naming what is missing."""
+def _require_source(name: str, root: str) -> None:
   if name not in NAMES:
     raise ConfigError(f"Unknown dataset '{name}' in data.name. Choose one of: {', '.join(NAMES)}.")
   if not root or not os.path.isdir(root):
     raise DataError(f"The dataset root {root!r} (data.root) does not exist or is not a folder. "
                     f"Set --config.data.root to the folder that holds the {name} data.")
+
+
+def read_split(name: str, root: str, category: str) -> Split:
+  """Train/test records of one category. Raises DataError naming what is missing."""
+  _require_source(name, root)
   if name in ("mvtec_ad", "mpdd"):
     split = _mvtec_like(os.path.join(root, category), category)
   elif name == "btad":
@@ -216,18 +220,38 @@ def read_split(name: str, root: str, category: str) -> Split:
   return split
 
 
+def _categories_present(name: str, root: str) -> list:
+  """The categories under root: for folder data, its subfolders that hold train/."""
+  if name == "folder":
+    return sorted(d for d in os.listdir(root) if os.path.isdir(os.path.join(root, d, "train")))
+  return list_categories(name, root)
+
+
 def categories_from_config(name: str, root: str, category: str) -> list:
   """data.category: one name, a comma list, or 'all'. Folder data whose root holds train/
   itself is one category (named after the folder), whatever data.category says."""
+  _require_source(name, root)
   if name == "folder" and os.path.isdir(os.path.join(root, "train")):
     return [""]
   if category.strip() == "all":
-    if name == "folder":
-      return sorted(d for d in os.listdir(root) if os.path.isdir(os.path.join(root, d, "train")))
-    return list_categories(name, root)
+    found = _categories_present(name, root)
+    if not found:
+      raise DataError(f"data.category is 'all' but {root} holds no categories"
+                      f"{': no train/ folder in it or in any of its subfolders' if name == 'folder' else ''}. "
+                      "Check --config.data.root.")
+    return found
   names = configlib.names(category)
   if not names and name != "folder":
     raise ConfigError("data.category is empty: name a category, a comma list, or 'all'.")
+  if name not in SPLIT_FILES:  # split-file readers name what is missing themselves
+    present = _categories_present(name, root)
+    missing = [n for n in names if n not in present]
+    if missing or (not names and present):  # or a folder root without train/ itself, no category named
+      lead = f"data.category names {', '.join(missing)}, not found in {root}" if missing else (
+          f"data.category is empty and {root} holds no train/ folder itself")
+      raise ConfigError(f"{lead}; it holds {'the categories ' + ', '.join(present) if present else 'no categories'}"
+                        f"{' (folders with a train/ subfolder)' if name == 'folder' else ''}. Set "
+                        "--config.data.category to one of them, a comma list, or 'all'.")
   return names or [""]
 
 
