@@ -9,6 +9,7 @@ and overlays/<name>.png, coloured on the fixed scale of the model's held-out nor
 <name> is the file name's stem, with its extension added where two inputs share a stem
 (img.png, img.jpg -> img_png, img_jpg).
 The decision uses the threshold stored at training (evaluate.decision_rule) or --threshold.
+Only --predict_dir's own images are scored; its subfolders and other files are named in the log.
 """
 
 import csv
@@ -53,6 +54,7 @@ def run(config, workdir: str, input_dir: str, output_dir: str = "", threshold: f
   paths = datasets.images_in(input_dir)
   if not paths:
     raise DataError(f"The folder {input_dir} holds no images ({', '.join(transforms.IMAGE_EXTENSIONS)}).")
+  _say_what_is_not_scored(input_dir, paths)
   category = one_category(config)
   configlib.validate(config)
   method = methods.build(config)
@@ -94,6 +96,21 @@ def run(config, workdir: str, input_dir: str, output_dir: str = "", threshold: f
   logging.info("Scored %d images%s; results in %s", len(results),
                "" if threshold is None else f", {flagged} anomalous at threshold {threshold:.4g}", output_dir)
   return {"predictions": results, "output_dir": output_dir, "threshold": threshold}
+
+
+def _say_what_is_not_scored(input_dir, paths) -> None:
+  """Names the entries of input_dir that are not scored: subfolders (not searched) and other files."""
+  taken = {os.path.basename(p) for p in paths}
+  others = sorted(f for f in os.listdir(input_dir) if f not in taken and not f.startswith("."))
+  folders = [f for f in others if os.path.isdir(os.path.join(input_dir, f))]
+  files = [f for f in others if f not in folders]
+  if folders:
+    logging.warning("Subfolders of %s are not searched, so %s %s not scored; give each as --predict_dir to score "
+                    "its images.", input_dir, ", ".join(folders[:5]) + (", ..." if len(folders) > 5 else ""),
+                    "is" if len(folders) == 1 else "are")
+  if files:
+    logging.info("Not images (by extension), not scored: %s", ", ".join(files[:5]) + (
+        f" and {len(files) - 5} more" if len(files) > 5 else ""))
 
 
 def one_category(config) -> str:

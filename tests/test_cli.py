@@ -81,11 +81,15 @@ def test_predict_decides_and_never_mixes_runs(trained, tmp_path):
   for name in ("test/good/000.png", "test/hole/001.png"):
     shutil.copy(os.path.join(data, "wood", "oak", name), images / name.replace("/", "_"))
   shutil.copy(os.path.join(data, "wood", "oak", "test/good/000.png"), images / "test_hole_001.jpg")  # same stem
+  (images / "later").mkdir()  # not searched, and said so; nor is a file that is no image
+  shutil.copy(os.path.join(data, "wood", "oak", "test/good/000.png"), images / "later" / "000.png")
+  (images / "notes.txt").write_text("line 3")
   outputs = []
   for _ in range(2):
     result = run_cli(*args, f"--workdir={workdir}", "--mode=predict", f"--predict_dir={images}",
                      "--config.data.category=wood")
     assert result.returncode == 0, result.stderr[-3000:]
+    assert "so later is not scored" in result.stderr and "not scored: notes.txt" in result.stderr
     outputs.append(sorted((workdir / "predictions").iterdir())[-1])
   assert outputs[0] != outputs[1]  # a new folder per run
   report = json.load(open(outputs[1] / "predictions.json"))
