@@ -74,6 +74,9 @@ def load_splits(config, method) -> list:
       logging.warning("%s: no anomalous test images (only %s), so image AUROC and the pixel metrics are undefined "
                       "and reported as null. Put defective images in test/<defect type>/.", split.category,
                       ", ".join(sorted(folders)))
+    elif all(r.label for r in split.test) and not config.data.get("test_normals_fraction", 0.0):
+      logging.warning("%s: no normal test images (only %s), so image AUROC is undefined and reported as null. Put "
+                      "normal test images in test/good/.", split.category, ", ".join(sorted(folders)))
     if split.category not in novel:  # a novel category's training images only finalize and calibrate
       split = datasets.hold_out_normals(split, config.data.get("test_normals_fraction", 0.0), config.seed, "test")
     if method.calibrates and method.calibration_source == "normals":

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from adjax import train
+from adjax import methods, train
 from adjax.data import datasets
 from adjax.errors import ConfigError, DataError
 from configs import patch_knn
@@ -20,13 +20,15 @@ def _image(path, seed, size=(40, 32)):
   Image.fromarray(np.random.default_rng(seed).integers(0, 256, size[::-1] + (3,), np.uint8)).save(path)
 
 
-def _folder(root, normal="good", mask_name="000_mask.png", defects=True):
+def _folder(root, normal="good", mask_name="000_mask.png", defects=True, train_normal="good", defect="scratch",
+            normals=True):
   for i in range(4):
-    _image(os.path.join(root, "train", "good", f"{i}.png"), i)
-  _image(os.path.join(root, "test", normal, "n0.png"), 10)
+    _image(os.path.join(root, "train", train_normal, f"{i}.png"), i)
+  if normals:
+    _image(os.path.join(root, "test", normal, "n0.png"), 10)
   _image(os.path.join(root, "test", ".ipynb_checkpoints", "stale.png"), 11)
   if defects:
-    _image(os.path.join(root, "test", "scratch", "000.png"), 12)
+    _image(os.path.join(root, "test", defect, "000.png"), 12)
     mask = np.zeros((32, 40), np.uint8)
     mask[4:9, 4:9] = 255
     os.makedirs(os.path.join(root, "ground_truth", "scratch"), exist_ok=True)
@@ -60,14 +62,19 @@ def test_a_folder_is_one_category_whatever_data_category_says(tmp_path):
     datasets.read_split("folder", str(tmp_path / "empty"), "")
 
 
-def test_normal_folder_names_hidden_folders_and_mask_extension_case(tmp_path):
-  for normal in ("normal", "OK", "Good"):
+def test_normal_folder_names_hidden_folders_and_mask_folder_and_extension_case(tmp_path):
+  for normal, defect in (("normal", "scratch"), ("OK", "Scratch"), ("Good", "SCRATCH")):
     root = str(tmp_path / normal)
-    _folder(root, normal=normal, mask_name="000_mask.PNG")
+    # train/ takes the same normal-folder names as test/; the mask folder is ground_truth/scratch throughout
+    _folder(root, normal=normal, mask_name="000_mask.PNG", train_normal=normal, defect=defect)
     split = datasets.read_split("folder", root, "")
+    assert len(split.train) == 4
     labels = {os.path.basename(os.path.dirname(r.path)): r.label for r in split.test}
-    assert labels == {normal: 0, "scratch": 1}  # .ipynb_checkpoints is not a defect type
-    assert split.test[[r.label for r in split.test].index(1)].mask_path.endswith("000_mask.PNG")
+    assert labels == {normal: 0, defect: 1}  # .ipynb_checkpoints is not a defect type
+    assert split.test[[r.label for r in split.test].index(1)].mask_path.endswith("scratch/000_mask.PNG")
+  _folder(str(tmp_path / "OK"), train_normal="good")  # train/OK and train/good: which is it?
+  with pytest.raises(DataError, match="train holds OK and good"):
+    datasets.read_split("folder", str(tmp_path / "OK"), "")
 
 
 def test_the_run_logs_each_test_folders_role_and_explains_a_test_set_without_defects(tmp_path, caplog):
@@ -92,3 +99,13 @@ def test_strongly_rectangular_images_squashed_get_a_warning_with_what_to_do(capl
   warned = [r for r in caplog.records if r.levelno == logging.WARNING]
   assert len(warned) == 1 and "strip" in warned[0].getMessage() and "tiles" in warned[0].getMessage()
   assert "photo: data.resize=squash: whole images of aspect ratios 1.33..1.33" in caplog.text
+
+
+def test_a_test_set_without_normal_images_is_explained(tmp_path, caplog):
+  root = str(tmp_path / "defects_only")
+  _folder(root, normals=False)
+  config = patch_knn.get_config("")
+  config.data.name, config.data.root = "folder", root
+  with caplog.at_level(logging.WARNING):
+    train.load_splits(config, methods.build(config))
+  assert "defects_only: no normal test images (only scratch)" in caplog.text

@@ -92,6 +92,8 @@ def _find_mask(mask_dir: str, stem: str, image_path: str, required: bool) -> str
 def _test_records(category_dir: str, category: str, subclass: str, has_masks: bool) -> list:
   test_dir = os.path.join(category_dir, "test")
   gt_dir = os.path.join(category_dir, "ground_truth")
+  # A defect type's mask folder in any letter case (test/Scratch, ground_truth/scratch), the exact name first.
+  gt_folders = {d.lower(): d for d in sorted(os.listdir(gt_dir), reverse=True)} if os.path.isdir(gt_dir) else {}
   test = []
   for defect in sorted(d for d in os.listdir(test_dir) if os.path.isdir(os.path.join(test_dir, d))
                        and not d.startswith(".")):  # hidden folders (.ipynb_checkpoints) hold no test images
@@ -100,17 +102,31 @@ def _test_records(category_dir: str, category: str, subclass: str, has_masks: bo
         test.append(Record(p, 0, "good", None, subclass, category))
       else:
         stem = os.path.splitext(os.path.basename(p))[0]
-        mask = _find_mask(os.path.join(gt_dir, defect), stem, p, required=True) if has_masks else None
+        folder = defect if os.path.isdir(os.path.join(gt_dir, defect)) else gt_folders.get(defect.lower(), defect)
+        mask = _find_mask(os.path.join(gt_dir, folder), stem, p, required=True) if has_masks else None
         test.append(Record(p, 1, defect, mask, subclass, category))
   return test
 
 
-def _mvtec_like(category_dir: str, category: str, subclass: str = "", normal: str = "good",
+def _normal_train_folder(category_dir: str) -> str:
+  """The one folder of train/ named like a normal test folder (NORMAL_DIRS, any letter case), or 'good'."""
+  train = os.path.join(category_dir, "train")
+  found = sorted(d for d in os.listdir(train) if d.lower() in NORMAL_DIRS
+                 and os.path.isdir(os.path.join(train, d))) if os.path.isdir(train) else []
+  if len(found) > 1:
+    raise DataError(f"{train} holds {' and '.join(found)}: which are the normal training images? Keep one "
+                    "folder of them (good, ok or normal).")
+  return found[0] if found else "good"
+
+
+def _mvtec_like(category_dir: str, category: str, subclass: str = "", normal: str | None = "good",
                 masks: str = "required", train_required: bool = True) -> Split:
-  """MVTec AD layout. masks: 'required', or 'optional' (all present if ground_truth/ exists, else none)."""
-  fix = f"Check data.root and data.category: {category_dir} should hold train/{normal} and test/."
+  """MVTec AD layout. normal: train/'s folder of normal images, None for any of NORMAL_DIRS (folder
+  data). masks: 'required', or 'optional' (all present if ground_truth/ exists, else none)."""
+  shown = normal or "good (or ok, normal)"
+  fix = f"Check data.root and data.category: {category_dir} should hold train/{shown} and test/."
   _require_dir(category_dir, "category", fix)
-  train_dir = os.path.join(category_dir, "train", normal)
+  train_dir = os.path.join(category_dir, "train", normal or _normal_train_folder(category_dir))
   if train_required:
     _require_dir(train_dir, "training", fix)
   train = [Record(p, 0, "good", None, subclass, category) for p in images_in(train_dir)] \
@@ -208,9 +224,9 @@ def read_split(name: str, root: str, category: str) -> Split:
     split = _merge(category, [_mvtec_like(os.path.join(category_dir, sub), category, sub, train_required=False)
                               for sub in subclasses])
   elif category:  # folder data with one category per subfolder
-    split = _mvtec_like(os.path.join(root, category), category, masks="optional")
+    split = _mvtec_like(os.path.join(root, category), category, normal=None, masks="optional")
   else:  # folder data: the root is the category
-    split = _mvtec_like(root, os.path.basename(os.path.normpath(root)), masks="optional")
+    split = _mvtec_like(root, os.path.basename(os.path.normpath(root)), normal=None, masks="optional")
   if not split.train:
     raise DataError(f"No training images found for category '{split.category}' under {root}. "
                     "Normal training images go in train/good (train/ok for BTAD).")
