@@ -76,12 +76,21 @@ def exists(workdir, category) -> bool:
     return checkpoints.latest_step() is not None
 
 
+def trained_categories(workdir) -> list:
+  """The categories with a checkpoint folder in workdir (not the shared ones of categories trained together)."""
+  root = os.path.join(workdir, "checkpoints")
+  return sorted(d for d in os.listdir(root) if os.path.isdir(os.path.join(root, d))
+                and not d.startswith("together_")) if os.path.isdir(root) else []
+
+
 def restore(workdir, category, target=None):
   """The latest checkpoint {'state', 'epoch'} of a trained category."""
   path = folder(workdir, category)
   if not os.path.isdir(path):
-    raise CheckpointError(f"No checkpoint for category '{category}' in {path}. Train first with "
-                          f"--mode=train --workdir={workdir}.")
+    trained = trained_categories(workdir)
+    raise CheckpointError(f"No checkpoint for category '{category}' in {path}. " + (
+        f"{workdir} holds the trained categories {', '.join(trained)}: set --config.data.category to one of them."
+        if trained else f"Train first with --mode=train --workdir={workdir}."))
   with manager(workdir, category) as checkpoints:
     return restore_latest(checkpoints, target)
 

@@ -93,7 +93,7 @@ def main(argv):
     parallel.maybe_initialize_distributed()  # no-op for a single process
     if _MODE.value == "export":
       from adjax import export, predict
-      export.run(config, workdir, predict.one_category(config), os.path.expanduser(_OUTPUT_DIR.value))
+      export.run(config, workdir, predict.one_category(config, workdir), os.path.expanduser(_OUTPUT_DIR.value))
     elif _MODE.value == "predict":
       from adjax import predict
       predict.run(config, workdir, os.path.expanduser(_PREDICT_DIR.value), os.path.expanduser(_OUTPUT_DIR.value),

@@ -55,7 +55,7 @@ def run(config, workdir: str, input_dir: str, output_dir: str = "", threshold: f
   if not paths:
     raise DataError(f"The folder {input_dir} holds no images ({', '.join(transforms.IMAGE_EXTENSIONS)}).")
   _say_what_is_not_scored(input_dir, paths)
-  category = one_category(config)
+  category = one_category(config, workdir)
   configlib.validate(config)
   method = methods.build(config)
   checkpoints.check_run_config(workdir, config)
@@ -113,15 +113,17 @@ def _say_what_is_not_scored(input_dir, paths) -> None:
         f" and {len(files) - 5} more" if len(files) > 5 else ""))
 
 
-def one_category(config) -> str:
+def one_category(config, workdir: str = "") -> str:
   """The one trained category predict and export use: data.category's, or a folder root's own."""
   categories = configlib.names(config.data.category)
   root = os.path.expanduser(config.data.root)
   if config.data.name == "folder" and root and os.path.isdir(os.path.join(root, "train")):
     categories = [os.path.basename(os.path.normpath(root))]  # one folder: one category
-  if len(categories) != 1:
+  if len(categories) != 1 or categories == ["all"]:
+    trained = checkpoints.trained_categories(workdir) if workdir else []
     raise ConfigError(f"Predict and export use one category's model; data.category is '{config.data.category}'. "
-                      "Set --config.data.category=<one trained category>.")
+                      "Set --config.data.category=<one trained category>" +
+                      (f" ({workdir} holds {', '.join(trained)})." if trained else "."))
   return categories[0]
 
 

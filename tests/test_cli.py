@@ -74,6 +74,22 @@ def test_normalised_scores_are_empty_without_a_scale_in_predict_and_the_exported
     assert exported == pytest.approx(expected)
 
 
+def test_predict_and_export_name_the_trained_categories_when_asked_for_another_or_all(tmp_path):
+  from adjax import checkpoints, predict
+  from adjax.errors import CheckpointError, ConfigError
+  from configs import patch_knn
+  for name in ("wood", "metal", "together_cloth-metal"):  # the last: a group's shared checkpoint, no category
+    (tmp_path / "checkpoints" / name).mkdir(parents=True)
+  with pytest.raises(CheckpointError, match=f"{tmp_path} holds the trained categories metal, wood: set"):
+    checkpoints.restore(str(tmp_path), "cloth")
+  config = patch_knn.get_config("")
+  config.data.category = "all"  # a workdir trained on every category: predict needs one of them
+  with pytest.raises(ConfigError, match=r"one category's model; data.category is 'all'.*holds metal, wood\)"):
+    predict.one_category(config, str(tmp_path))
+  with pytest.raises(CheckpointError, match="Train first"):
+    checkpoints.restore(str(tmp_path / "untrained"), "cloth")
+
+
 def test_predict_decides_and_never_mixes_runs(trained, tmp_path):
   workdir, args, data = trained
   images = tmp_path / "new"
