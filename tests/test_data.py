@@ -1,5 +1,6 @@
 """Dataset readers, the grain pipeline and bad-input errors, on real and generated data."""
 
+import logging
 import os
 import shutil
 
@@ -76,6 +77,20 @@ def test_image_modes_become_rgb(tmp_path, mode):
   if mode == "I;16":
     expected = (np.asarray(image).astype(np.float64) / 257).round()
     np.testing.assert_allclose(np.asarray(loaded)[..., 0], expected, atol=1)
+
+
+def test_a_16_bit_image_holding_12_bit_data_is_warned_about_once(tmp_path, caplog, monkeypatch):
+  from adjax.data import geometry
+  monkeypatch.setitem(geometry._warned, "low_bits", False)
+  rng = np.random.default_rng(2)
+  for name, top in (("full.png", 65536), ("mono12.png", 4096), ("again.png", 4096)):
+    Image.fromarray(rng.integers(0, top, (20, 30), dtype=np.uint16)).save(tmp_path / name)
+  with caplog.at_level(logging.WARNING):
+    transforms.load_image(str(tmp_path / "full.png"))
+    assert not caplog.records  # the full 16-bit range: no warning
+    for name in ("mono12.png", "again.png"):
+      assert np.asarray(transforms.load_image(str(tmp_path / name))).max() <= 16  # what / 257 leaves
+  assert len(caplog.records) == 1 and "mono12.png is a 16-bit image" in caplog.text and "/ 16" in caplog.text
 
 
 def _make_mvtec(root, n_train=3, defects=("crack",), size=(32, 32)):

@@ -13,8 +13,12 @@ This module imports nothing from adjax: `--mode=export` copies it beside an expo
 whose loader preprocesses images with exactly this code.
 """
 
+import logging
+
 import numpy as np
 from PIL import Image
+
+_warned = {"low_bits": False}  # warnings given once per process
 
 
 def to_rgb(image: Image.Image) -> Image.Image:
@@ -22,6 +26,7 @@ def to_rgb(image: Image.Image) -> Image.Image:
   if image.mode in ("I;16", "I;16B", "I;16L", "I;16N", "I"):
     array = np.asarray(image).astype(np.float64)
     # 16-bit images use the full 0..65535 range; int32 'I' images from 16-bit PNGs too.
+    _warn_if_low_bits(image, array.max())
     array = np.clip(array / 257.0, 0, 255).round().astype(np.uint8)
     image = Image.fromarray(array, mode="L")
   elif image.mode == "F":
@@ -34,6 +39,16 @@ def to_rgb(image: Image.Image) -> Image.Image:
     image = image.convert("RGBA")
     return image.convert("RGB")  # drop alpha: inspection images carry no meaning in it
   return image.convert("RGB")
+
+
+def _warn_if_low_bits(image: Image.Image, largest: float) -> None:
+  """Once per process: a 16-bit image within 0..4095 (12-bit camera data, say) keeps at most 16 grey levels."""
+  if 0 < largest < 4096 and not _warned["low_bits"]:
+    _warned["low_bits"] = True
+    logging.getLogger("adjax").warning(
+        "%s is a 16-bit image whose largest value is %d: read as 8-bit (value / 257) it keeps %d grey levels. If "
+        "it holds 10- or 12-bit camera data, convert the images to 8-bit at that depth (value / 4 or / 16) first.",
+        getattr(image, "filename", "") or "An image", largest, int(largest // 257) + 1)
 
 
 def _resize_shorter(image: Image.Image, size: int, resample) -> Image.Image:
