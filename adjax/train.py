@@ -29,7 +29,7 @@ from adjax import (
   together,
 )
 from adjax.data import datasets, synthetic, transforms
-from adjax.errors import ConfigError, Interrupted
+from adjax.errors import ConfigError, DataError, Interrupted
 
 
 def resolve_root(config) -> str:
@@ -84,6 +84,10 @@ def load_splits(config, method) -> list:
     elif method.calibrates:
       split = datasets.hold_out_calibration(split, config.data.calibration_fraction, config.seed)
     split = datasets.hold_out_normals(split, config.data.threshold_fraction, config.seed)
+    if split.category not in novel and len(split.train) < method.min_train_images:
+      raise DataError(f"{split.category}: {len(split.train)} training image(s) left after the hold-outs, and "
+                      f"model.name={config.model.name} needs at least {method.min_train_images}. Add normal "
+                      "images to train/good, or lower data.threshold_fraction / data.calibration_fraction.")
     logging.info("Category %s: %d train, %d test (%d anomalous)%s%s%s", split.category, len(split.train),
                  len(split.test), sum(r.label for r in split.test),
                  f", {len(split.held_out)} normal training images held out for the decision threshold"

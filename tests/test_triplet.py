@@ -12,7 +12,7 @@ from flax import linen as nn
 
 from adjax import caches, methods, train
 from adjax.data import augment, datasets
-from adjax.errors import ConfigError
+from adjax.errors import ConfigError, DataError
 from adjax.methods import triplet
 from configs import triplet as triplet_config
 
@@ -412,6 +412,22 @@ def test_the_positive_comes_from_the_next_image_of_the_same_class_and_a_lone_ima
   *_, valid = method.sample_patches(gray, jnp.asarray([0, 0, 1, 2]), jax.random.key(0))
   rows = np.asarray(valid).reshape(4, 4)  # 4 patches per image, the images in a random order
   assert (rows == rows[:, :1]).all() and sorted(rows[:, 0]) == [0, 0, 1, 1]
+  partner, paired = triplet.same_class_partner(jnp.asarray([3]))  # an epoch's one-image last batch
+  assert np.asarray(partner).tolist() == [0] and not bool(paired[0])
+  *_, valid = method.sample_patches(gray[:1], jnp.asarray([0]), jax.random.key(0))
+  assert float(np.asarray(valid).max()) == 0.0
+
+
+def test_a_category_with_fewer_than_two_training_images_is_refused_at_start_up(tmp_path):
+  from PIL import Image
+  rng = np.random.default_rng(0)
+  for name in ("train/good/0.png", "train/good/1.png", "test/good/2.png", "test/bad/3.png"):
+    (tmp_path / name).parent.mkdir(parents=True, exist_ok=True)
+    Image.fromarray(rng.integers(0, 256, (32, 32, 3), dtype=np.uint8)).save(tmp_path / name)
+  c = triplet_config.get_config("")
+  c.data.name, c.data.root, c.data.novel_categories = "folder", str(tmp_path), ""
+  with pytest.raises(DataError, match="1 training image.*needs at least 2.*data.threshold_fraction"):
+    train.load_splits(c, methods.build(c))  # two images, one held out for the SVM (calibration)
 
 
 def test_a_batch_deals_its_scales_in_equal_shares_and_cuts_each_positive_where_its_anchor_is():

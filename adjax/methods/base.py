@@ -25,6 +25,8 @@ Inputs, declared by class attributes:
                   test label read)
   execution_keys  model.<key>s that change how a step runs on a machine, never what it computes:
                   a workdir trained with one value is reused with another (checkpoints.check_run_config)
+  min_train_images  the fewest training images a trained category may have (the loop refuses fewer
+                  at start-up, naming the category)
 
 Stages, in the order the loop calls them (all but `train_step` and `score` have defaults):
   check_config(config)                        before any data is read or anything compiled
@@ -77,6 +79,7 @@ class Method:
   shares_across_categories: bool = False
   alternative_scores: tuple = ()  # the <name>s of its image_score_<name> diagnostics (eval.paper_kfold_svm)
   execution_keys: tuple = ()
+  min_train_images: int = 1
 
   def __init__(self, config):
     self.check_config(config)

@@ -187,6 +187,8 @@ def same_class_partner(subclass):
   """(partner (B,), paired (B,) bool): for image i the next image of the batch, cyclically, of its
   class; paired is false (partner i itself) when it is the only one of its class in the batch."""
   b = subclass.shape[0]
+  if b == 1:  # a one-image batch (an epoch's last, say) has no partner
+    return jnp.zeros(1, jnp.int32), jnp.zeros(1, bool)
   offsets = jnp.arange(1, b)
   candidates = (jnp.arange(b)[:, None] + offsets[None, :]) % b  # (B, B - 1), nearest first
   same = subclass[candidates] == subclass[:, None]
@@ -203,6 +205,7 @@ class Triplet(base.Method):
   shares_across_categories = True  # Sec. III-A: one network for the known classes
   alternative_scores = ("mean_distance", "max_distance")  # diagnostics' image_score_<name>
   execution_keys = ("train_chunk",)  # `embed_patches`: the same values in either order
+  min_train_images = 2  # a triplet pairs two training images of one class (same_class_partner)
 
   @classmethod
   def check_config(cls, config):
