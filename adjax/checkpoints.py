@@ -6,9 +6,13 @@ config the workdir was trained with, so that eval, predict and resumed training 
 different model.
 """
 
+import contextlib
 import json
 import os
+import socket
+import time
 
+import filelock
 import jax
 import orbax.checkpoint as ocp
 from absl import logging
@@ -167,6 +171,45 @@ def check_writable(workdir) -> None:
   except OSError as e:
     raise CheckpointError(f"--workdir {workdir} cannot be written ({e.strerror}). Give a folder you can write "
                           "to, or fix its permissions.") from None
+
+
+LOCK = ".adjax.lock"  # held by the run using the workdir; LOCK + ".json" says which run that is
+
+
+@contextlib.contextmanager
+def workdir_lock(workdir, mode):
+  """One train or eval run at a time in a workdir: a second one stops at once, naming the first,
+  instead of mixing its checkpoints and reports into it. An OS file lock, so it is released however
+  the holding process ends; process 0 of a multi-process run holds it for all. Where the filesystem
+  refuses locks the run goes on unguarded, with a warning; on network filesystems whether a run on
+  another host sees the lock depends on the filesystem."""
+  if not parallel.is_main_process():
+    yield
+    return
+  path = os.path.join(workdir, LOCK)
+  lock = filelock.FileLock(path, timeout=0)
+  try:
+    lock.acquire()
+  except filelock.Timeout:
+    try:
+      owner = io_utils.read_json(path + ".json")
+      who = (f" ({owner['mode']}, process {owner['pid']} on {owner['host']}, started "
+             f"{time.strftime('%Y-%m-%d %H:%M:%S', time.localtime(owner['started']))})")
+    except Exception:  # written just after the lock is taken: a run that is starting has none yet
+      who = ""
+    raise CheckpointError(f"Another adjax run{who} is using --workdir {workdir}. Wait for it to end, or give "
+                          "another --workdir.") from None
+  except (OSError, NotImplementedError) as e:
+    logging.warning("%s cannot be locked (%s), so a second run started into this workdir would not be stopped.",
+                    path, e)
+    yield
+    return
+  try:
+    io_utils.write_json(path + ".json", {"mode": mode, "pid": os.getpid(), "host": socket.gethostname(),
+                                         "started": time.time()})
+    yield
+  finally:
+    lock.release()
 
 
 def prepare_workdir(workdir, config, mode):

@@ -409,10 +409,15 @@ def _train_prepared(config, step, p, workdir):
 
 
 def run(config, workdir: str, mode: str) -> dict:
-  """train (then evaluate) or eval; returns the metrics report."""
+  """train (then evaluate) or eval, one run at a time in a workdir; returns the metrics report."""
   configlib.validate(config)
   method = methods.build(config)
   checkpoints.check_writable(workdir)
+  with checkpoints.workdir_lock(workdir, mode):
+    return _run(config, method, workdir, mode)
+
+
+def _run(config, method, workdir: str, mode: str) -> dict:
   splits = load_splits(config, method)
   checkpoints.prepare_workdir(workdir, config, mode)
   extractor = method.make_extractor()

@@ -7,6 +7,7 @@ import socket
 import subprocess
 import sys
 
+import filelock
 import numpy as np
 import pytest
 
@@ -175,6 +176,28 @@ def test_workdir_guards(trained, tmp_path):
   _assert_clean_failure(run_cli(*args, f"--workdir={workdir}", f"--config.data.root={other}"), "data.root")
   mode = os.stat(workdir / "metrics.md").st_mode & 0o777
   assert mode == 0o666 & ~_umask(), oct(mode)
+
+
+def test_a_second_run_into_a_busy_workdir_stops_at_once_naming_the_first(trained, tmp_path):
+  from adjax import checkpoints
+  _, args, _ = trained
+  workdir = tmp_path / "busy"
+  workdir.mkdir()
+  hold = ("import sys, time; from adjax import checkpoints\n"
+          f"with checkpoints.workdir_lock({str(workdir)!r}, 'train'):\n"
+          "  print('held', flush=True); time.sleep(120)")
+  holder = subprocess.Popen([sys.executable, "-c", hold], cwd=ROOT, stdout=subprocess.PIPE, text=True)
+  try:
+    assert holder.stdout.readline().strip() == "held"
+    _assert_clean_failure(run_cli(*args, f"--workdir={workdir}"), f"(train, process {holder.pid} on",
+                          f"is using --workdir {workdir}")
+    assert not (workdir / "config.json").exists()  # stopped before writing anything
+  finally:
+    holder.kill()
+    holder.wait()
+  lock = filelock.FileLock(str(workdir / checkpoints.LOCK), timeout=0)  # (no JAX backend started in this process)
+  lock.acquire()  # a killed holder leaves no lock behind
+  lock.release()
 
 
 def _umask():
