@@ -3,7 +3,7 @@
 Per category, an Orbax CheckpointManager under <workdir>/checkpoints/<category> keeps
 {'state': the method's state, 'epoch': the last finished epoch}; <workdir>/config.json is the
 config the workdir was trained with, so that eval, predict and resumed training refuse a
-different model.
+different model, and <workdir>/training_sets.json the images each category was trained on.
 """
 
 import contextlib
@@ -112,6 +112,30 @@ def restore_trained(workdir, category, config, trains=True):
     logging.info("%s: using the checkpoint in %s%s", category, path,
                  f" (after epoch {epoch + 1} of {config.train.epochs})" if trains else "")
   return restored["state"]
+
+
+TRAINING_SETS = "training_sets.json"  # per category: datasets.training_set_fingerprint at training
+
+
+def check_training_sets(workdir, current: dict, mode: str) -> None:
+  """Training records each category's training-set fingerprint; resuming it, or evaluating it (which
+  sets the decision threshold again on the images held out in training), needs the same images: with
+  others, a threshold image could be one the model trained on. Workdirs from before the record pass."""
+  path = os.path.join(workdir, TRAINING_SETS)
+  recorded = io_utils.read_json(path) if os.path.exists(path) else {}
+  changed = [c for c in current if c in recorded and recorded[c]["sha256"] != current[c]["sha256"]]
+  if changed:
+    counts = "; ".join(f"{c}: {_counts(recorded[c])} then, {_counts(current[c])} now" for c in changed)
+    raise ConfigError(f"The training images of {', '.join(changed)} are not the ones {workdir} was trained on "
+                      f"({counts}; a file added, removed or renamed changes which images were held out). Restore "
+                      "them, or train into a new --workdir.")
+  if mode == "train" and parallel.is_main_process() and any(c not in recorded for c in current):
+    io_utils.write_json(path, {**recorded, **current})
+
+
+def _counts(fingerprint) -> str:
+  return ", ".join(f"{n} {role.replace('_', '-')}" for role, n in fingerprint["images"].items()
+                   if n or role == "train")
 
 
 def write_run_config(workdir, config):

@@ -420,6 +420,9 @@ def run(config, workdir: str, mode: str) -> dict:
 def _run(config, method, workdir: str, mode: str) -> dict:
   splits = load_splits(config, method)
   checkpoints.prepare_workdir(workdir, config, mode)
+  root = resolve_root(config)
+  checkpoints.check_training_sets(workdir, {s.category: datasets.training_set_fingerprint(s, root) for s in splits},
+                                  mode)
   extractor = method.make_extractor()
   key = jax.random.key(config.seed)
   scorer = evaluate.make_scorer(config, method, extractor)  # one program for every category of the same shapes

@@ -109,3 +109,21 @@ def test_a_test_set_without_normal_images_is_explained(tmp_path, caplog):
   with caplog.at_level(logging.WARNING):
     train.load_splits(config, methods.build(config))
   assert "defects_only: no normal test images (only scratch)" in caplog.text
+
+
+def test_eval_and_resume_refuse_a_changed_training_set_but_not_new_test_images(tmp_path):
+  root = tmp_path / "part"
+  _folder(str(root))
+  for i in range(4, 12):
+    _image(str(root / "train" / "good" / f"{i}.png"), i)
+  config = patch_knn.get_config("")
+  config.data.name, config.data.root = "folder", str(root)
+  config.data.image_size, config.eval.num_overlays = 32, 0
+  workdir = str(tmp_path / "run")
+  train.run(config, workdir, "train")
+  _image(str(root / "test" / "good" / "n1.png"), 20)  # new test images: evaluated as usual
+  train.run(config, workdir, "eval")
+  os.rename(root / "train" / "good" / "0.png", root / "train" / "good" / "0b.png")  # the held-out set may change
+  for mode in ("eval", "train"):
+    with pytest.raises(ConfigError, match=r"training images of part are not the ones .*11 train, 1 held-out then"):
+      train.run(config, workdir, mode)

@@ -23,6 +23,7 @@ Layouts (one `root`, categories below it):
 
 import csv
 import dataclasses
+import hashlib
 import os
 
 import numpy as np
@@ -285,6 +286,15 @@ def validate(split: Split) -> list:
                         f"{record.path} is {size[0]}x{size[1]}. Masks must have their image's size: "
                         "replace the mask with one of the right size.")
   return sizes
+
+
+def training_set_fingerprint(split: Split, root: str) -> dict:
+  """What a category's model was fitted and calibrated on: its training, threshold and calibration
+  images (paths relative to the dataset root, so a moved dataset still matches), counted and hashed."""
+  roles = (("train", split.train), ("held_out", split.held_out), ("calibration", split.calibration))
+  names = sorted(f"{role}:{os.path.relpath(r.path, root)}" for role, records in roles for r in records)
+  return {"images": {role: len(records) for role, records in roles},
+          "sha256": hashlib.sha256("\n".join(names).encode()).hexdigest()}
 
 
 def hold_out_normals(split: Split, fraction: float, seed: int, into: str = "held_out") -> Split:
