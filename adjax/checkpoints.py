@@ -122,7 +122,8 @@ def check_training_sets(workdir, current: dict, mode: str) -> None:
   sets the decision threshold again on the images held out in training), needs the same images: with
   others, a threshold image could be one the model trained on. Workdirs from before the record pass."""
   path = os.path.join(workdir, TRAINING_SETS)
-  recorded = io_utils.read_json(path) if os.path.exists(path) else {}
+  fresh = mode == "train" and not has_checkpoints(workdir)  # nothing trained yet: record anew
+  recorded = io_utils.read_json(path) if os.path.exists(path) and not fresh else {}
   changed = [c for c in current if c in recorded and recorded[c]["sha256"] != current[c]["sha256"]]
   if changed:
     counts = "; ".join(f"{c}: {_counts(recorded[c])} then, {_counts(current[c])} now" for c in changed)
@@ -236,12 +237,21 @@ def workdir_lock(workdir, mode):
     lock.release()
 
 
+def has_checkpoints(workdir) -> bool:
+  """Whether any category (or group trained together) of workdir has a finished checkpoint step."""
+  root = os.path.join(workdir, "checkpoints")
+  return os.path.isdir(root) and any(
+      name.isdigit() for sub in os.listdir(root) if os.path.isdir(os.path.join(root, sub))
+      for name in os.listdir(os.path.join(root, sub)))
+
+
 def prepare_workdir(workdir, config, mode):
-  """Training writes the run config, after checking that a run already there is the same one;
-  eval needs one that matches."""
+  """Training writes the run config, after checking that a run already there is the same one (a
+  workdir whose run stopped before its first checkpoint, e.g. on missing weights, takes a new
+  config); eval needs one that matches."""
   check_writable(workdir)
   if mode == "train":
-    if os.path.exists(os.path.join(workdir, RUN_CONFIG)):
+    if os.path.exists(os.path.join(workdir, RUN_CONFIG)) and has_checkpoints(workdir):
       check_run_config(workdir, config, mode)  # resuming: the model and data must be the same
     if parallel.is_main_process():
       write_run_config(workdir, config)

@@ -127,3 +127,22 @@ def test_eval_and_resume_refuse_a_changed_training_set_but_not_new_test_images(t
   for mode in ("eval", "train"):
     with pytest.raises(ConfigError, match=r"training images of part are not the ones .*11 train, 1 held-out then"):
       train.run(config, workdir, mode)
+
+
+def test_a_workdir_whose_run_stopped_before_its_first_checkpoint_takes_another_config(tmp_path):
+  from adjax.errors import WeightsError
+  root = tmp_path / "part"
+  _folder(str(root))
+  config = patch_knn.get_config("")
+  config.data.name, config.data.root = "folder", str(root)
+  config.data.image_size, config.eval.num_overlays = 32, 0
+  config.model.backbone_weights = str(tmp_path / "missing.pth")  # stops after config.json is written
+  workdir = str(tmp_path / "run")
+  with pytest.raises(WeightsError):
+    train.run(config, workdir, "train")
+  config.model.backbone_weights = "imagenet"
+  config.data.image_size = 48  # another model input: refused for a workdir that holds a trained run
+  train.run(config, workdir, "train")
+  config.data.image_size = 32
+  with pytest.raises(ConfigError, match="data.image_size"):
+    train.run(config, workdir, "train")
