@@ -80,11 +80,20 @@ def exists(workdir, category) -> bool:
     return checkpoints.latest_step() is not None
 
 
+def _checkpoint_folders(workdir) -> list:
+  """The names of workdir's checkpoint folders: categories', and groups' trained together (together_*)."""
+  root = os.path.join(workdir, "checkpoints")
+  return sorted(d for d in os.listdir(root) if os.path.isdir(os.path.join(root, d))) if os.path.isdir(root) else []
+
+
 def trained_categories(workdir) -> list:
   """The categories with a checkpoint folder in workdir (not the shared ones of categories trained together)."""
-  root = os.path.join(workdir, "checkpoints")
-  return sorted(d for d in os.listdir(root) if os.path.isdir(os.path.join(root, d))
-                and not d.startswith("together_")) if os.path.isdir(root) else []
+  return [d for d in _checkpoint_folders(workdir) if not d.startswith("together_")]
+
+
+def has_checkpoints(workdir) -> bool:
+  """Whether any category (or group trained together) of workdir has a finished checkpoint."""
+  return any(exists(workdir, d) for d in _checkpoint_folders(workdir))
 
 
 def restore(workdir, category, target=None):
@@ -117,12 +126,12 @@ def restore_trained(workdir, category, config, trains=True):
 TRAINING_SETS = "training_sets.json"  # per category: datasets.training_set_fingerprint at training
 
 
-def check_training_sets(workdir, current: dict, mode: str) -> None:
+def _check_training_sets(workdir, current: dict, mode: str, fresh: bool) -> None:
   """Training records each category's training-set fingerprint; resuming it, or evaluating it (which
   sets the decision threshold again on the images held out in training), needs the same images: with
-  others, a threshold image could be one the model trained on. Workdirs from before the record pass."""
+  others, a threshold image could be one the model trained on. Workdirs from before the record pass;
+  `fresh` (training, nothing trained yet) records anew."""
   path = os.path.join(workdir, TRAINING_SETS)
-  fresh = mode == "train" and not has_checkpoints(workdir)  # nothing trained yet: record anew
   recorded = io_utils.read_json(path) if os.path.exists(path) and not fresh else {}
   changed = [c for c in current if c in recorded and recorded[c]["sha256"] != current[c]["sha256"]]
   if changed:
@@ -237,23 +246,17 @@ def workdir_lock(workdir, mode):
     lock.release()
 
 
-def has_checkpoints(workdir) -> bool:
-  """Whether any category (or group trained together) of workdir has a finished checkpoint step."""
-  root = os.path.join(workdir, "checkpoints")
-  return os.path.isdir(root) and any(
-      name.isdigit() for sub in os.listdir(root) if os.path.isdir(os.path.join(root, sub))
-      for name in os.listdir(os.path.join(root, sub)))
-
-
-def prepare_workdir(workdir, config, mode):
-  """Training writes the run config, after checking that a run already there is the same one (a
-  workdir whose run stopped before its first checkpoint, e.g. on missing weights, takes a new
-  config); eval needs one that matches."""
+def prepare_workdir(workdir, config, mode, training_sets: dict):
+  """Training writes the run config and the training sets (category -> datasets.training_set_fingerprint),
+  after checking that a run already there is the same one (a workdir whose run stopped before its first
+  checkpoint, e.g. on missing weights, takes a new config); eval needs both to match."""
   check_writable(workdir)
+  fresh = mode == "train" and not has_checkpoints(workdir)
   if mode == "train":
-    if os.path.exists(os.path.join(workdir, RUN_CONFIG)) and has_checkpoints(workdir):
+    if os.path.exists(os.path.join(workdir, RUN_CONFIG)) and not fresh:
       check_run_config(workdir, config, mode)  # resuming: the model and data must be the same
     if parallel.is_main_process():
       write_run_config(workdir, config)
   else:
     check_run_config(workdir, config, mode)
+  _check_training_sets(workdir, training_sets, mode, fresh)

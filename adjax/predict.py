@@ -118,7 +118,7 @@ def one_category(config, workdir: str = "") -> str:
   categories = configlib.names(config.data.category)
   root = os.path.expanduser(config.data.root)
   if config.data.name == "folder" and root and os.path.isdir(os.path.join(root, "train")):
-    categories = [os.path.basename(os.path.normpath(root))]  # one folder: one category
+    categories = [datasets.root_category(root)]  # one folder: one category
   if len(categories) != 1 or categories == ["all"]:
     trained = checkpoints.trained_categories(workdir) if workdir else []
     raise ConfigError(f"Predict and export use one category's model; data.category is '{config.data.category}'. "

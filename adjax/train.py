@@ -51,7 +51,7 @@ def load_splits(config, method) -> list:
   novel = configlib.novel_categories(config)
   absent = [n for n in novel if n not in categories]
   if absent:  # e.g. the paper's novel MVTec classes on a root holding only some categories
-    shown = [c or os.path.basename(os.path.normpath(root)) for c in categories]  # "": a root that is one category
+    shown = [c or datasets.root_category(root) for c in categories]  # "": a root that is one category
     logging.warning("data.novel_categories names %s, not among this run's categories (%s): not tested. If a "
                     "name is misspelt, the category it meant is trained on as a known one.", ", ".join(absent),
                     ", ".join(shown))
@@ -419,10 +419,9 @@ def run(config, workdir: str, mode: str) -> dict:
 
 def _run(config, method, workdir: str, mode: str) -> dict:
   splits = load_splits(config, method)
-  checkpoints.prepare_workdir(workdir, config, mode)
   root = resolve_root(config)
-  checkpoints.check_training_sets(workdir, {s.category: datasets.training_set_fingerprint(s, root) for s in splits},
-                                  mode)
+  checkpoints.prepare_workdir(workdir, config, mode,
+                              {s.category: datasets.training_set_fingerprint(s, root) for s in splits})
   extractor = method.make_extractor()
   key = jax.random.key(config.seed)
   scorer = evaluate.make_scorer(config, method, extractor)  # one program for every category of the same shapes

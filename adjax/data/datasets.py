@@ -200,6 +200,11 @@ def list_categories(name: str, root: str) -> list:
                 and d not in ("split_csv",) and not d.startswith("."))
 
 
+def root_category(root: str) -> str:
+  """The category name of folder data whose root holds train/ itself: the root folder's own name."""
+  return os.path.basename(os.path.normpath(root))
+
+
 def _require_source(name: str, root: str) -> None:
   if name not in NAMES:
     raise ConfigError(f"Unknown dataset '{name}' in data.name. Choose one of: {', '.join(NAMES)}.")
@@ -227,7 +232,7 @@ def read_split(name: str, root: str, category: str) -> Split:
   elif category:  # folder data with one category per subfolder
     split = _mvtec_like(os.path.join(root, category), category, normal=None, masks="optional")
   else:  # folder data: the root is the category
-    split = _mvtec_like(root, os.path.basename(os.path.normpath(root)), normal=None, masks="optional")
+    split = _mvtec_like(root, root_category(root), normal=None, masks="optional")
   if not split.train:
     raise DataError(f"No training images found for category '{split.category}' under {root}. "
                     "Normal training images go in train/good (train/ok for BTAD).")
