@@ -35,6 +35,14 @@ def _folder(root, normal="good", mask_name="000_mask.png", defects=True, train_n
     Image.fromarray(mask).save(os.path.join(root, "ground_truth", "scratch", mask_name), format="PNG")
 
 
+def _run_config(root):
+  """patch_knn, small, on the folder data at root."""
+  config = patch_knn.get_config("")
+  config.data.name, config.data.root = "folder", str(root)
+  config.data.image_size, config.eval.num_overlays = 32, 0
+  return config
+
+
 def test_a_folder_is_one_category_whatever_data_category_says(tmp_path):
   root = str(tmp_path / "parts")
   _folder(root)
@@ -80,9 +88,7 @@ def test_normal_folder_names_hidden_folders_and_mask_folder_and_extension_case(t
 def test_the_run_logs_each_test_folders_role_and_explains_a_test_set_without_defects(tmp_path, caplog):
   root = str(tmp_path / "only_good")
   _folder(root, normal="normal", defects=False)
-  config = patch_knn.get_config("")  # data.category is the built-in dataset's 'cloth,wood,metal'
-  config.data.name, config.data.root = "folder", root
-  config.data.image_size, config.eval.num_overlays = 32, 0
+  config = _run_config(root)  # data.category is the built-in dataset's 'cloth,wood,metal'
   with caplog.at_level(logging.INFO):
     report = train.run(config, str(tmp_path / "run"), "train")
   assert list(report) == ["only_good", "mean"]
@@ -104,8 +110,7 @@ def test_strongly_rectangular_images_squashed_get_a_warning_with_what_to_do(capl
 def test_a_test_set_without_normal_images_is_explained(tmp_path, caplog):
   root = str(tmp_path / "defects_only")
   _folder(root, normals=False)
-  config = patch_knn.get_config("")
-  config.data.name, config.data.root = "folder", root
+  config = _run_config(root)
   with caplog.at_level(logging.WARNING):
     train.load_splits(config, methods.build(config))
   assert "defects_only: no normal test images (only scratch)" in caplog.text
@@ -116,9 +121,7 @@ def test_eval_and_resume_refuse_a_changed_training_set_but_not_new_test_images(t
   _folder(str(root))
   for i in range(4, 12):
     _image(str(root / "train" / "good" / f"{i}.png"), i)
-  config = patch_knn.get_config("")
-  config.data.name, config.data.root = "folder", str(root)
-  config.data.image_size, config.eval.num_overlays = 32, 0
+  config = _run_config(root)
   workdir = str(tmp_path / "run")
   train.run(config, workdir, "train")
   _image(str(root / "test" / "good" / "n1.png"), 20)  # new test images: evaluated as usual
@@ -133,9 +136,7 @@ def test_a_workdir_whose_run_stopped_before_its_first_checkpoint_takes_another_c
   from adjax.errors import WeightsError
   root = tmp_path / "part"
   _folder(str(root))
-  config = patch_knn.get_config("")
-  config.data.name, config.data.root = "folder", str(root)
-  config.data.image_size, config.eval.num_overlays = 32, 0
+  config = _run_config(root)
   config.model.backbone_weights = str(tmp_path / "missing.pth")  # stops after config.json is written
   workdir = str(tmp_path / "run")
   with pytest.raises(WeightsError):
