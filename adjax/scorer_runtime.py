@@ -42,7 +42,7 @@ class Scorer:
   def score(self, paths, batch_size: int = 8) -> list:
     results = []
     for start in range(0, len(paths), batch_size):
-      images = [Image.open(p) for p in paths[start:start + batch_size]]
+      images = [geometry.open_upright(p) for p in paths[start:start + batch_size]]
       pixels = np.stack([self.preprocess(image) for image in images])
       scores, maps = (np.asarray(a) for a in self.program.call(pixels))
       for path, image, score, amap in zip(paths[start:start + batch_size], images, scores, maps):

@@ -93,6 +93,66 @@ def test_a_16_bit_image_holding_12_bit_data_is_warned_about_once(tmp_path, caplo
   assert len(caplog.records) == 1 and "mono12.png is a 16-bit image" in caplog.text and "/ 16" in caplog.text
 
 
+# What a viewer shows for each EXIF orientation, written out from the EXIF specification.
+_SHOWN = {1: lambda a: a, 2: lambda a: a[:, ::-1], 3: lambda a: a[::-1, ::-1], 4: lambda a: a[::-1],
+          5: lambda a: a.swapaxes(0, 1), 6: lambda a: np.rot90(a, -1), 7: lambda a: a[::-1, ::-1].swapaxes(0, 1),
+          8: lambda a: np.rot90(a, 1)}
+
+
+def _save_oriented(path, array, orientation, **kwargs):
+  image = Image.fromarray(array)
+  exif = image.getexif()
+  exif[0x0112] = orientation
+  image.save(path, exif=exif.tobytes(), **kwargs)
+
+
+@pytest.mark.parametrize("orientation", range(1, 9))
+def test_images_and_masks_are_read_as_their_exif_orientation_shows_them(tmp_path, orientation):
+  """A photo whose camera (or viewer) recorded a rotation in the EXIF tag is read upright, so its
+  mask, drawn on the image as shown, fits it; the header-only size agrees with the decoded one."""
+  y, x = np.mgrid[:20, :30]
+  pixels = np.stack([x * 8, y * 12, (x + 2 * y) * 3], -1).astype(np.uint8)  # smooth, so JPEG keeps it
+  mask = np.zeros((20, 30), np.uint8)
+  mask[2:5, 20:29] = 255
+  shown, shown_mask = _SHOWN[orientation](pixels), _SHOWN[orientation](mask)
+  _save_oriented(tmp_path / "x.png", pixels, orientation)
+  _save_oriented(tmp_path / "x_mask.png", mask, orientation)
+  _save_oriented(tmp_path / "x.jpg", pixels, orientation, quality=95)
+  image = transforms.load_image(str(tmp_path / "x.png"))
+  np.testing.assert_array_equal(np.asarray(image), shown)
+  np.testing.assert_array_equal(transforms.load_mask(str(tmp_path / "x_mask.png")), shown_mask > 0)
+  assert transforms.image_size_of(str(tmp_path / "x.png")) == image.size == (shown.shape[1], shown.shape[0])
+  jpeg = np.asarray(transforms.load_image(str(tmp_path / "x.jpg")), np.float64)
+  assert jpeg.shape == shown.shape and np.abs(jpeg - shown).mean() < 4  # JPEG's loss only, not a turn
+  assert transforms.image_size_of(str(tmp_path / "x.jpg")) == (shown.shape[1], shown.shape[0])
+
+
+def test_the_exported_scorer_reads_images_upright_too(tmp_path):
+  from adjax import scorer_runtime
+  _save_oriented(tmp_path / "x.jpg", np.zeros((20, 30, 3), np.uint8), 6)
+  scorer = object.__new__(scorer_runtime.Scorer)  # a stand-in program: the reading and the map's size only
+  scorer.meta = {"image_size": 16, "crop_size": 16, "resize": "squash"}
+  scorer.program = type("Program", (), {"call": lambda self, x: (np.zeros(len(x)), np.zeros(x.shape[:3]))})()
+  (result,) = scorer.score([str(tmp_path / "x.jpg")])
+  assert result["map"].shape == (30, 20)  # the map at the upright image's pixels
+
+
+def test_an_uncompressed_one_channel_tiff_turned_by_its_tag_is_refused(tmp_path):
+  pixels = (np.arange(20 * 30).reshape(20, 30) % 251).astype(np.uint8)
+  for name, compression in (("raw.tif", None), ("lzw.tif", "tiff_lzw")):
+    Image.fromarray(pixels).save(tmp_path / name, tiffinfo={0x0112: 6},
+                                 **({"compression": compression} if compression else {}))
+  # Why it is refused: Pillow's own reading scrambles it (if this fails, Pillow reads it right and the
+  # refusal in geometry._refuse_misread can go).
+  assert not np.array_equal(np.asarray(Image.open(tmp_path / "raw.tif")), np.rot90(pixels, -1))
+  for read in (transforms.load_image, transforms.image_size_of):
+    with pytest.raises(DataError, match="raw.tif is an uncompressed one-channel TIFF.*Save it as PNG"):
+      read(str(tmp_path / "raw.tif"))
+  np.testing.assert_array_equal(np.asarray(transforms.load_image(str(tmp_path / "lzw.tif")))[..., 0],
+                                np.rot90(pixels, -1))
+  assert transforms.image_size_of(str(tmp_path / "lzw.tif")) == (20, 30)
+
+
 def _make_mvtec(root, n_train=3, defects=("crack",), size=(32, 32)):
   rng = np.random.default_rng(0)
   def save(path, array):

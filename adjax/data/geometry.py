@@ -16,9 +16,57 @@ whose loader preprocesses images with exactly this code.
 import logging
 
 import numpy as np
-from PIL import Image
+import PIL
+from PIL import Image, ImageOps
 
+_ORIENTATION = 0x0112  # the EXIF (and TIFF) tag; values 5-8 turn the image by 90 degrees
+_COMPRESSION = 259  # the TIFF tag; 1 is uncompressed
 _warned = {"low_bits": False}  # warnings given once per process
+
+
+class UnsupportedImage(ValueError):
+  """A file this code would read wrongly; the message names it and says what to do."""
+
+
+def open_upright(path: str) -> Image.Image:
+  """The decoded image as viewers show it: turned or mirrored by its EXIF orientation, as OpenCV's imread does.
+
+  A camera or an image viewer that records a rotation in the tag leaves the pixels unturned, so
+  without this the model would see such an image on its side (and its mask, drawn on the shown
+  image, would not fit it)."""
+  image = Image.open(path)
+  _refuse_misread(image, path)
+  image.load()
+  if _orientation(image) != 1:
+    ImageOps.exif_transpose(image, in_place=True)  # in place keeps `filename` for the warnings
+  return image
+
+
+def upright_size(image: Image.Image, path: str) -> tuple[int, int]:
+  """(width, height) of `open_upright(path)`, from the header of `image`, opened and not yet decoded."""
+  _refuse_misread(image, path)
+  w, h = image.size
+  return (h, w) if _orientation(image) in (5, 6, 7, 8) else (w, h)
+
+
+def _orientation(image: Image.Image) -> int:
+  """The orientation still to apply: Pillow turns TIFF images itself (their `size` is already upright).
+
+  Pillow decodes a whole PNG to look for an eXIf chunk after its pixels; before decoding, one placed
+  ahead of them (where the PNG extension puts it) is already in `info`."""
+  if image.format == "TIFF" or (image.format == "PNG" and "exif" not in image.info):
+    return 1
+  return image.getexif().get(_ORIENTATION, 1)
+
+
+def _refuse_misread(image: Image.Image, path: str) -> None:
+  # Pillow (13.0 at least) decodes an uncompressed one-channel TIFF turned by 90 degrees by its orientation
+  # tag with the wrong row length: scrambled pixels and no error (tests/test_data.py shows it).
+  if (image.format == "TIFF" and len(image.getbands()) == 1 and image.tag_v2.get(_COMPRESSION, 1) == 1
+      and image.tag_v2.get(_ORIENTATION, 1) in (5, 6, 7, 8)):
+    raise UnsupportedImage(
+        f"{path} is an uncompressed one-channel TIFF whose orientation tag turns it by 90 degrees, which "
+        f"Pillow {PIL.__version__} reads wrongly. Save it as PNG or as a compressed (LZW) TIFF.")
 
 
 def to_rgb(image: Image.Image) -> Image.Image:

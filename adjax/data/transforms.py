@@ -3,12 +3,15 @@ preprocessing (crop / squash / pad, normalisation, maps back to the image) are
 adjax/data/geometry.py's, re-exported here.
 """
 
+import contextlib
+
 import numpy as np
 from PIL import Image, UnidentifiedImageError
 
 from adjax.data.geometry import (  # noqa: F401  (re-exported)
   RESIZE_MODES,
   WHOLE_IMAGE,
+  UnsupportedImage,
   content_box,
   denormalise,
   input_side,
@@ -16,26 +19,35 @@ from adjax.data.geometry import (  # noqa: F401  (re-exported)
   limited_size,
   mask_at,
   normalise_uint8,
+  open_upright,
   preprocess_image,
   preprocess_mask,
   to_original,
   to_rgb,
+  upright_size,
 )
 from adjax.errors import DataError
 
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp")
 
 
-def _open(path: str, what: str) -> Image.Image:
+@contextlib.contextmanager
+def _reading(path: str, what: str):
+  """Errors from reading the file at `path` as DataErrors that name it and say what to do."""
   try:
-    image = Image.open(path)
-    image.load()  # decode now, so truncated files fail here, naming the file
-    return image
+    yield
   except FileNotFoundError:
     raise DataError(f"The {what} {path} does not exist. Restore it, or remove it from the dataset.") from None
+  except UnsupportedImage as e:
+    raise DataError(f"The {what} {e}") from None
   except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as e:
     raise DataError(f"The {what} {path} cannot be read as an image ({e}). Replace it with an intact "
                     "copy, or delete it from the dataset folder.") from None
+
+
+def _open(path: str, what: str) -> Image.Image:
+  with _reading(path, what):
+    return open_upright(path)  # decoded now, so truncated files fail here, naming the file
 
 
 def load_image(path: str) -> Image.Image:
@@ -51,16 +63,8 @@ def load_mask(path: str) -> np.ndarray:
 
 
 def image_size_of(path: str, what: str = "image") -> tuple[int, int]:
-  """(width, height) from the file header, and a cheap integrity check of the file."""
-  try:
-    with Image.open(path) as image:
-      size = image.size
-      image.verify()
+  """(width, height) as `load_image` gives it, from the file header, and a cheap integrity check of the file."""
+  with _reading(path, what), Image.open(path) as image:
+    size = upright_size(image, path)
+    image.verify()
     return size
-  except FileNotFoundError:
-    raise DataError(f"The {what} {path} does not exist. Restore it, or remove it from the dataset.") from None
-  except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as e:
-    raise DataError(f"The {what} {path} cannot be read as an image ({e}). Replace it with an intact "
-                    "copy, or delete it from the dataset folder.") from None
-
-
