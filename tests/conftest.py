@@ -1,4 +1,5 @@
 import os
+import shutil
 import tempfile
 
 import pytest
@@ -6,12 +7,21 @@ import pytest
 # Tests never reach the network and never touch the user's caches.
 os.environ.setdefault("ADJAX_OFFLINE", "1")
 
-# One persistent compilation cache for a test run, shared by its xdist workers and the processes
-# they start (the same programs, e.g. a backbone at 64x64 or FEGAN's init, compile once, not in
-# every test); a fresh folder per run, so no run reuses another's programs. Tests that study
+# One persistent compilation cache for a test run, shared by its xdist workers (they inherit the
+# variable from the controller, which imports this first) and the processes they start (the same
+# programs, e.g. a backbone at 64x64 or FEGAN's init, compile once, not in every test); a fresh
+# folder per run, so no run reuses another's programs, removed when the run ends. Tests that study
 # cold starts set JAX_COMPILATION_CACHE_DIR for their own subprocesses.
-_RUN = os.environ.get("PYTEST_XDIST_TESTRUNUID") or f"pid{os.getpid()}"
-os.environ.setdefault("JAX_COMPILATION_CACHE_DIR", os.path.join(tempfile.gettempdir(), f"adjax-test-xla-{_RUN}"))
+_XLA_CACHE = None
+if "JAX_COMPILATION_CACHE_DIR" not in os.environ:
+  _XLA_CACHE = os.path.join(tempfile.gettempdir(), f"adjax-test-xla-pid{os.getpid()}")
+  os.environ["JAX_COMPILATION_CACHE_DIR"] = _XLA_CACHE
+
+
+def pytest_sessionfinish(session):
+  # Only the process that named the folder removes it: the controller, after its workers are done.
+  if _XLA_CACHE is not None and not hasattr(session.config, "workerinput"):
+    shutil.rmtree(_XLA_CACHE, ignore_errors=True)
 
 SHARED = os.path.abspath(os.path.join(os.path.dirname(__file__), "..", "..", "shared"))
 BOTTLE = os.path.join(SHARED, "data", "mvtec_ad", "bottle")
