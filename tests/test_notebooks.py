@@ -16,12 +16,13 @@ def test_the_three_notebooks_exist():
 
 
 @pytest.mark.parametrize("name", NOTEBOOKS)
-def test_notebook_runs_top_to_bottom(name, monkeypatch):
+def test_notebook_runs_top_to_bottom(name, monkeypatch, tmp_path):
   path = os.path.join(ROOT, "notebooks", name)
   notebook = nbformat.read(path, as_version=4)
   code = [c for c in notebook.cells if c.cell_type == "code"]
   assert all(not c.outputs and c.execution_count is None for c in code), f"{name} is stored with outputs"
   monkeypatch.setenv("ADJAX_NOTEBOOK_SMALL", "1")
+  monkeypatch.setenv("TMPDIR", str(tmp_path))  # the notebooks' tempfile folders go where pytest clears them
   NotebookClient(notebook, timeout=600, kernel_name="python3",
                  resources={"metadata": {"path": os.path.join(ROOT, "notebooks")}}).execute()
   outputs = [o for c in code for o in c.outputs]
