@@ -220,16 +220,18 @@ def decision_rule(held, count) -> dict:
   """The stored decision of a category from its held-out normal training images' scores: an
   image is anomalous when its score exceeds the largest of theirs (on n unseen normal images
   that leaves about 1 / (n + 1) of normal images above it); normalised scores are 0 at their
-  median and 1 at the threshold; overlays colour maps from their 1st to their 99.9th pixel
-  percentile, so a normal image looks normal in every run."""
+  median and 1 at the threshold; a pixel is a defect pixel when its map value exceeds the largest
+  of their maps' values (the same rule per pixel); overlays colour maps from their 1st to their
+  99.9th pixel percentile, so a normal image looks normal in every run."""
   scores = np.asarray(held["scores"], np.float64)
   median, threshold = float(np.median(scores)), float(scores.max())
   lo, hi = np.percentile(held["input_maps"], [1, 99.9])
   return {"threshold": threshold, "normal_median": median, "map_low": float(lo), "map_high": float(hi),
-          "held_out_images": int(count),
+          "pixel_threshold": float(np.max(held["input_maps"])), "held_out_images": int(count),
           "rule": "anomalous when the image score exceeds the largest score of the normal training images held "
                   "out of training (data.threshold_fraction); normalised score = (score - their median) / "
-                  "(threshold - their median)"}
+                  "(threshold - their median); a defect pixel where the map exceeds the largest value of "
+                  "their maps (pixel_threshold)"}
 
 
 def normalised_scores(decision, scores) -> list:
@@ -242,8 +244,9 @@ def normalised_scores(decision, scores) -> list:
   return [float(s) for s in (np.asarray(scores, np.float64) - decision["normal_median"]) / spread]
 
 
-def decision_report(category, decision, scored) -> dict:
-  """The stored threshold and how the test images fall at it (describes, never selects)."""
+def decision_report(category, decision, scored, has_masks: bool) -> dict:
+  """The stored thresholds and how the test images fall at them (describes, never selects): images
+  flagged, and, with masks, the IoU of the defect pixels with the ground truth."""
   flagged = np.asarray(scored["scores"]) > decision["threshold"]
   labels = np.asarray(scored["labels"]).astype(bool)
   report = {"threshold": decision["threshold"], "held_out_images": decision["held_out_images"],
@@ -252,7 +255,18 @@ def decision_report(category, decision, scored) -> dict:
   logging.info("%s: at the stored threshold %.4g: %d of %d normal and %d of %d anomalous test images flagged",
                category, report["threshold"], report["normal_flagged"], report["normal"],
                report["anomalous_flagged"], report["anomalous"])
+  if "pixel_threshold" in decision:  # absent from thresholds stored before it was
+    report["pixel_threshold"] = decision["pixel_threshold"]
+    above = np.nextafter(decision["pixel_threshold"], np.inf)  # metrics.iou takes maps >= its threshold
+    report["pixel_iou"] = metrics.iou(scored["masks"], scored["maps"], above) if has_masks else None
   return report
+
+
+def defect_pixels(decision, amap):
+  """The defect pixels of a map at the stored pixel threshold, or None where none is stored."""
+  if decision is None or "pixel_threshold" not in decision:
+    return None
+  return np.asarray(amap) > decision["pixel_threshold"]
 
 
 def overlay_image(scored, i, record, normalisation) -> np.ndarray:
@@ -295,7 +309,7 @@ def category_report(split, scored, config, decision, normalisation, overlay_dir)
   rule's counts, the method's diagnostics; and, on the main process, its overlays."""
   report = category_metrics(split, scored, config)
   if decision is not None:
-    report["decision"] = decision_report(split.category, decision, scored)
+    report["decision"] = decision_report(split.category, decision, scored, split.has_masks)
   if scored["diagnostics"]:
     report["diagnostics"] = log_diagnostics(split.category, scored["diagnostics"], scored["labels"], config)
   if parallel.is_main_process():
@@ -388,6 +402,16 @@ def write_reports(workdir: str, report: dict, config) -> dict:
               "| category | defect type | images | I | P |", "|---|---|---|---|---|"]
     lines += [f"| {n} | {d} | {m['num_anomalous']} | {_fmt(m['image_auroc'])} | {_fmt(m['pixel_auroc'])} |"
               for n, d, m in type_rows]
+  decided = [(n, v["decision"]) for n, v in per_category.items() if "decision" in v]
+  if decided:
+    lines += ["", "Decisions at the thresholds stored from held-out normal training images (no test label): test "
+              "images flagged anomalous, and the IoU of the defect pixels with the ground truth:", "",
+              "| category | threshold | normal flagged | anomalous flagged | pixel threshold | pixel IoU |",
+              "|---|---|---|---|---|---|"]
+    lines += [f"| {n} | {d['threshold']:.4g} | {d['normal_flagged']} / {d['normal']} | "
+              f"{d['anomalous_flagged']} / {d['anomalous']} | "
+              f"{'n/a' if d.get('pixel_threshold') is None else format(d['pixel_threshold'], '.4g')} | "
+              f"{_fmt(d.get('pixel_iou'))} |" for n, d in decided]
   lines += ["", "Values in %. f1_max thresholds are read off the test set (they describe, not select); "
             "pixel_iou binarises the maps at the pixel F1-max threshold.", ""]
   io_utils.write_text(os.path.join(workdir, "metrics.md"), "\n".join(lines))

@@ -5,7 +5,9 @@ runs never mix): predictions.csv and predictions.json (per image, ranked by scor
 score, normalised score (empty where the threshold is not above the held-out median), anomalous),
 maps/<name>.npy (the anomaly map: at the image's own resolution in the whole-image modes,
 data.resize squash or pad, capped by eval.metric_max_side; at the centre crop's in 'crop' mode)
-and overlays/<name>.png, coloured on the fixed scale of the model's held-out normal images.
+and overlays/<name>.png, coloured on the fixed scale of the model's held-out normal images;
+with a stored decision, defects/<name>.png (white where the map exceeds the stored pixel
+threshold, at the map's resolution) and each image's defect_fraction (the share of such pixels).
 <name> is the file name's stem, with its extension added where two inputs share a stem
 (img.png, img.jpg -> img_png, img_jpg).
 The decision uses the threshold stored at training (evaluate.decision_rule) or --threshold.
@@ -86,6 +88,11 @@ def run(config, workdir: str, input_dir: str, output_dir: str = "", threshold: f
     if decision is not None:
       row["normalised_score"] = evaluate.normalised_scores(decision, [score])[0]
       row["anomalous"] = bool(score > decision["threshold"])
+    defects = evaluate.defect_pixels(decision, amap)
+    if defects is not None:
+      row["defect_fraction"] = float(defects.mean())
+      io_utils.atomic_write(os.path.join(output_dir, "defects", name + ".png"),
+                            lambda f: Image.fromarray(defects.astype(np.uint8) * 255).save(f, format="PNG"))
     results.append(row)
   results.sort(key=lambda r: -r["score"])
   io_utils.write_json(os.path.join(output_dir, "predictions.json"),
@@ -138,6 +145,9 @@ def _decision(workdir, category, threshold):
                     "anomalous/normal decision. Pass --threshold=<score> to decide.", workdir)
   else:
     logging.info("Decisions at the stored threshold %.4g (%s)", decision["threshold"], path)
+  if decision is not None and "pixel_threshold" not in decision and os.path.exists(path):
+    logging.info("%s holds no pixel threshold (stored before there was one), so no defect masks; run --mode=eval "
+                 "once to store it.", path)
   if decision is not None and not decision["threshold"] > decision["normal_median"]:
     logging.warning("The threshold %.4g is not above the held-out normal images' median score %.4g (%s), so "
                     "normalised scores are left empty; decisions are unaffected.", decision["threshold"],
@@ -148,7 +158,7 @@ def _decision(workdir, category, threshold):
 
 
 def _write_csv(path, rows):
-  columns = ["image", "name", "score", "normalised_score", "anomalous"]
+  columns = ["image", "name", "score", "normalised_score", "anomalous", "defect_fraction"]
   buffer = io.StringIO()
   writer = csv.DictWriter(buffer, columns, extrasaction="ignore")
   writer.writeheader()

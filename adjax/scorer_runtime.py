@@ -9,7 +9,8 @@ all a production line needs:
 or from Python: `Scorer(folder).score(paths)`. Each result has the image's path, its anomaly
 score, the normalised score (0 at the model's held-out normal images' median, 1 at the
 threshold; None when the threshold is not above that median), `anomalous` at the stored
-threshold, and the anomaly map at the image's own resolution in the whole-image modes
+threshold, `defect_mask` (the map's pixels above the stored pixel threshold; printed as its
+`defect_fraction`), and the anomaly map at the image's own resolution in the whole-image modes
 (data.resize squash or pad).
 """
 
@@ -60,6 +61,9 @@ class Scorer:
       spread = decision["threshold"] - decision["normal_median"]
       result["normalised_score"] = (score - decision["normal_median"]) / spread if spread > 0 else None
       result["anomalous"] = score > decision["threshold"]
+      if "pixel_threshold" in decision:  # evaluate.defect_pixels
+        result["defect_mask"] = amap > decision["pixel_threshold"]
+        result["defect_fraction"] = float(result["defect_mask"].mean())
     return result
 
 
@@ -68,6 +72,7 @@ def main(argv):
     sys.exit("usage: python scorer.py <export folder> <image> [<image> ...]")
   for result in Scorer(argv[1]).score(argv[2:]):
     result.pop("map")
+    result.pop("defect_mask", None)
     print(json.dumps(result))
 
 

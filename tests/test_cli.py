@@ -1,6 +1,7 @@
 """The command line end to end: train -> eval -> predict, and clean failures on bad input."""
 
 import json
+import logging
 import os
 import shutil
 import socket
@@ -10,6 +11,7 @@ import sys
 import filelock
 import numpy as np
 import pytest
+from PIL import Image
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SMALL = ["--config.data.category=wood", "--config.data.image_size=64", "--config.data.crop_size=64",
@@ -59,6 +61,10 @@ def test_eval_reproduces_train_metrics(trained, tmp_path):
   last = result.stdout.strip().splitlines()[-1]
   assert last.startswith(f"mean image AUROC {100 * after['mean']['image_auroc']:.2f}, pixel AUROC "), last
   assert "pixel_iou" in (workdir / "metrics.md").read_text()
+  decision = after["wood"]["decision"]  # the stored pixel threshold, and its defect pixels against the masks
+  assert decision["pixel_threshold"] is not None and 0.0 <= decision["pixel_iou"] <= 1.0
+  row = f"| wood | {decision['threshold']:.4g} | {decision['normal_flagged']} / {decision['normal']} | "
+  assert row in (workdir / "metrics.md").read_text()
 
 
 def test_normalised_scores_are_empty_without_a_scale_in_predict_and_the_exported_scorer():
@@ -73,6 +79,29 @@ def test_normalised_scores_are_empty_without_a_scale_in_predict_and_the_exported
     scorer.meta = {"resize": "crop", "decision": decision}
     exported = [scorer._result("x.png", (4, 4), s, amap)["normalised_score"] for s in scores]
     assert exported == pytest.approx(expected)
+
+
+def test_the_pixel_decision_is_the_image_rule_per_pixel(tmp_path, caplog):
+  from adjax import evaluate, predict
+  rng = np.random.default_rng(0)
+  held = {"scores": rng.random(5), "input_maps": rng.random((5, 8, 8))}
+  decision = evaluate.decision_rule(held, 5)
+  assert decision["pixel_threshold"] == held["input_maps"].max()  # the largest held-out normal pixel
+  assert not evaluate.defect_pixels(decision, held["input_maps"]).any()  # so none of theirs is a defect
+  maps = rng.random((3, 8, 8)) * 1.2
+  masks = maps > 0.9
+  scored = {"scores": maps.max(axis=(1, 2)), "labels": np.array([0, 1, 1]), "maps": maps, "masks": masks}
+  report = evaluate.decision_report("c", decision, scored, has_masks=True)
+  found = maps > decision["pixel_threshold"]
+  assert report["pixel_iou"] == pytest.approx((found & masks).sum() / (found | masks).sum())
+  assert evaluate.decision_report("c", decision, scored, has_masks=False)["pixel_iou"] is None
+  # A threshold file stored before there was a pixel threshold: image decisions, no masks, and said so.
+  older = {k: v for k, v in decision.items() if k != "pixel_threshold"}
+  (tmp_path / "thresholds").mkdir()
+  (tmp_path / "thresholds" / "c.json").write_text(json.dumps(older))
+  with caplog.at_level(logging.INFO):
+    assert evaluate.defect_pixels(predict._decision(str(tmp_path), "c", None), maps[0]) is None
+  assert "holds no pixel threshold" in caplog.text and "--mode=eval" in caplog.text
 
 
 def test_predict_and_export_name_the_trained_categories_when_asked_for_another_or_all(tmp_path):
@@ -116,8 +145,15 @@ def test_predict_decides_and_never_mixes_runs(trained, tmp_path):
   assert rows[0]["normalised_score"] > 1.0
   assert {r["name"] for r in rows} == {"test_good_000", "test_hole_001_png", "test_hole_001_jpg"}
   assert len(os.listdir(outputs[1] / "maps")) == 3 and len(os.listdir(outputs[1] / "overlays")) == 3
+  stored = json.load(open(workdir / "thresholds" / "wood.json"))
+  for row in rows:  # the defect mask: the map above the stored pixel threshold, and its share of the image
+    amap = np.load(outputs[1] / "maps" / f"{row['name']}.npy")
+    defects = np.asarray(Image.open(outputs[1] / "defects" / f"{row['name']}.png"))
+    np.testing.assert_array_equal(defects, np.where(amap > stored["pixel_threshold"], 255, 0))
+    assert row["defect_fraction"] == pytest.approx((amap > stored["pixel_threshold"]).mean())
+  assert rows[0]["defect_fraction"] > 0  # the hole
   csv_lines = (outputs[1] / "predictions.csv").read_text().splitlines()
-  assert csv_lines[0] == "image,name,score,normalised_score,anomalous" and len(csv_lines) == 4
+  assert csv_lines[0] == "image,name,score,normalised_score,anomalous,defect_fraction" and len(csv_lines) == 4
   # --threshold overrides the stored one; an --output_dir that holds files is refused.
   result = run_cli(*args, f"--workdir={workdir}", "--mode=predict", f"--predict_dir={images}",
                    "--config.data.category=wood", "--threshold=1e9", f"--output_dir={outputs[0]}")
@@ -400,3 +436,4 @@ def test_exported_scorer_scores_as_adjax_does_without_adjax(trained, tmp_path):
     assert row["score"] == pytest.approx(mine["score"], rel=1e-5, abs=1e-6)
     assert row["normalised_score"] == pytest.approx(mine["normalised_score"], rel=1e-4, abs=1e-5)
     assert row["anomalous"] == mine["anomalous"]
+    assert row["defect_fraction"] == pytest.approx(mine["defect_fraction"], abs=0.01)
