@@ -127,6 +127,18 @@ def test_images_and_masks_are_read_as_their_exif_orientation_shows_them(tmp_path
   assert transforms.image_size_of(str(tmp_path / "x.jpg")) == (shown.shape[1], shown.shape[0])
 
 
+def test_a_jpeg_mask_is_its_drawn_region_and_any_image_extension_is_found(tmp_path):
+  root = _make_mvtec(tmp_path, size=(40, 60))
+  os.remove(tmp_path / "cat/ground_truth/crack/000_mask.png")
+  drawn = np.zeros((40, 60), np.uint8)
+  drawn[10:20, 15:40] = 255
+  Image.fromarray(drawn).save(tmp_path / "cat/ground_truth/crack/000_mask.jpeg", quality=75)
+  assert (np.asarray(Image.open(tmp_path / "cat/ground_truth/crack/000_mask.jpeg")) > 0).sum() > (drawn > 0).sum()
+  (record,) = [r for r in datasets.read_split("mvtec_ad", root, "cat").test if r.label == 1]
+  assert record.mask_path.endswith("000_mask.jpeg")
+  np.testing.assert_array_equal(transforms.load_mask(record.mask_path), drawn > 0)  # not the ringing around it
+
+
 def test_the_exported_scorer_reads_images_upright_too(tmp_path):
   from adjax import scorer_runtime
   _save_oriented(tmp_path / "x.jpg", np.zeros((20, 30, 3), np.uint8), 6)

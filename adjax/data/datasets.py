@@ -77,10 +77,10 @@ def _require_dir(path: str, what: str, fix: str) -> None:
 
 
 def _find_mask(mask_dir: str, stem: str, image_path: str, required: bool) -> str | None:
-  """<stem>_mask.<ext> or <stem>.<ext> in mask_dir, the extension in any letter case."""
+  """<stem>_mask.<ext> or <stem>.<ext> in mask_dir, <ext> any image extension in any letter case."""
   present = {f.lower(): f for f in os.listdir(mask_dir)} if os.path.isdir(mask_dir) else {}
   for name in (f"{stem}_mask", stem):
-    for ext in (".png", ".bmp", ".tif", ".tiff", ".jpg"):
+    for ext in transforms.IMAGE_EXTENSIONS:
       if (name + ext).lower() in present:
         return os.path.join(mask_dir, present[(name + ext).lower()])
   if required:

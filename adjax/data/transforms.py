@@ -55,11 +55,13 @@ def load_image(path: str) -> Image.Image:
 
 
 def load_mask(path: str) -> np.ndarray:
-  """A ground-truth mask as bool HxW: any non-zero pixel is anomalous (VisA uses ids 1..n)."""
-  mask = np.asarray(_open(path, "mask"))
+  """A ground-truth mask as bool HxW: any non-zero pixel is anomalous (VisA uses ids 1..n); in a
+  JPEG, whose compression rings around a mask's edges with small non-zero values, values above 127."""
+  image = _open(path, "mask")
+  mask = np.asarray(image)
   if mask.ndim == 3:
     mask = mask[..., :3].max(axis=-1) if mask.shape[-1] >= 3 else mask[..., 0]
-  return mask > 0
+  return mask > (127 if image.format in ("JPEG", "MPO") else 0)
 
 
 def image_size_of(path: str, what: str = "image") -> tuple[int, int]:
