@@ -63,6 +63,8 @@ Keys (override any with --config.<key>=<value>):
   eval.metric_max_side      whole-image modes: maps and masks are compared at each image's own
                             resolution, scaled down to at most this many pixels on the longer
                             side (0: never scaled; it bounds the metrics' memory on large images)
+  eval.predict_chunk        --mode=predict scores and writes this many images at a time, so its
+                            memory stays the same however many images the folder holds
 """
 
 import ml_collections
@@ -127,7 +129,7 @@ def base() -> ml_collections.ConfigDict:
       checkpoint_every=10, checkpoint_min_seconds=30.0, log_every=10, categories_together=True,
       shared_model=False))
   c.eval = ml_collections.ConfigDict(dict(batch_size=16, smoothing_sigma=4.0, pro_fpr_limit=0.3,
-                                          num_overlays=8, metric_max_side=1024))
+                                          num_overlays=8, metric_max_side=1024, predict_chunk=64))
   return c
 
 

@@ -301,7 +301,7 @@ def write_overlays(directory, split, scored, normalisation, count, decision=None
     panel = overlay_panel(rgb, scored["masks"][i] if split.has_masks else None, scored["maps"][i], lo, hi)
     name = f"{record.defect_type}_{record.subclass + '_' if record.subclass else ''}" \
            f"{os.path.splitext(os.path.basename(record.path))[0]}.png"
-    io_utils.atomic_write(os.path.join(directory, name), lambda f: Image.fromarray(panel).save(f, format="PNG"))
+    io_utils.write_png(os.path.join(directory, name), panel)
 
 
 def category_report(split, scored, config, decision, normalisation, overlay_dir) -> dict:

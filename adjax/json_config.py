@@ -9,6 +9,7 @@ import os
 
 import ml_collections
 
+from adjax import configlib
 from adjax.errors import ConfigError
 
 
@@ -30,4 +31,15 @@ def get_config(path: str = ""):
     values = json.load(open(path))
   except json.JSONDecodeError as e:
     raise ConfigError(f"{path} is not valid JSON ({e}); restore it from the run that wrote it.") from None
-  return ml_collections.ConfigDict(_tuples(values))
+  config = ml_collections.ConfigDict(_tuples(values))
+  _add_missing(config, configlib.base(), sections=("data", "train", "eval"))
+  return config
+
+
+def _add_missing(config, defaults, sections) -> None:
+  """A config.json written before a shared key existed gets that key's default (never a changed value)."""
+  for section in sections:
+    if section in config:
+      for key, value in defaults[section].items():
+        if key not in config[section]:
+          config[section][key] = value

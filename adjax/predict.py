@@ -5,13 +5,15 @@ runs never mix): predictions.csv and predictions.json (per image, ranked by scor
 score, normalised score (empty where the threshold is not above the held-out median), anomalous),
 maps/<name>.npy (the anomaly map: at the image's own resolution in the whole-image modes,
 data.resize squash or pad, capped by eval.metric_max_side; at the centre crop's in 'crop' mode)
-and overlays/<name>.png, coloured on the fixed scale of the model's held-out normal images;
+and overlays/<name>.png, coloured on the fixed scale of the model's held-out normal images
+(without a stored decision, on the first eval.predict_chunk images' own scale);
 with a stored decision, defects/<name>.png (white where the map exceeds the stored pixel
 threshold, at the map's resolution) and each image's defect_fraction (the share of such pixels).
 <name> is the file name's stem, with its extension added where two inputs share a stem
 (img.png, img.jpg -> img_png, img_jpg).
 The decision uses the threshold stored at training (evaluate.decision_rule) or --threshold.
 Only --predict_dir's own images are scored; its subfolders and other files are named in the log.
+Images are scored and written eval.predict_chunk at a time, so memory does not grow with the folder.
 """
 
 import csv
@@ -22,7 +24,6 @@ import time
 
 import numpy as np
 from absl import logging
-from PIL import Image
 
 from adjax import checkpoints, configlib, evaluate, io_utils, methods
 from adjax.data import datasets, transforms
@@ -69,31 +70,20 @@ def run(config, workdir: str, input_dir: str, output_dir: str = "", threshold: f
   for p in paths:
     transforms.image_size_of(p)
   decision = _decision(workdir, category, threshold)
-  records = [datasets.Record(p, 0, "unknown", None) for p in paths]
   state = checkpoints.restore_trained(workdir, category, config, method.trains)
   extractor = method.make_extractor()
-  scored = evaluate.score_dataset(config, method, state, extractor, records, "predicting")
-  lo, hi = evaluate.colour_scale(scored, decision)
-  results = []
-  for i, (record, name) in enumerate(zip(records, output_names(paths))):
-    amap = scored["maps"][i]
-    io_utils.atomic_write(os.path.join(output_dir, "maps", name + ".npy"), lambda f: np.save(f, amap))
-    rgb = evaluate.overlay_image(scored, i, record, method.normalisation(extractor))
-    panel = evaluate.overlay_panel(rgb, None, amap, lo, hi)
-    panel = np.concatenate([panel[:, :rgb.shape[1]], panel[:, 2 * rgb.shape[1]:]], axis=1)
-    io_utils.atomic_write(os.path.join(output_dir, "overlays", name + ".png"),
-                          lambda f: Image.fromarray(panel).save(f, format="PNG"))
-    score = float(scored["scores"][i])
-    row = {"image": record.path, "name": name, "score": score}
-    if decision is not None:
-      row["normalised_score"] = evaluate.normalised_scores(decision, [score])[0]
-      row["anomalous"] = bool(score > decision["threshold"])
-    defects = evaluate.defect_pixels(decision, amap)
-    if defects is not None:
-      row["defect_fraction"] = float(defects.mean())
-      io_utils.atomic_write(os.path.join(output_dir, "defects", name + ".png"),
-                            lambda f: Image.fromarray(defects.astype(np.uint8) * 255).save(f, format="PNG"))
-    results.append(row)
+  scorer = evaluate.make_scorer(config, method, extractor)  # compiled once for every chunk
+  names, chunk, scale, results = output_names(paths), config.eval.predict_chunk, None, []
+  for start in range(0, len(paths), chunk):
+    records = [datasets.Record(p, 0, "unknown", None) for p in paths[start:start + chunk]]
+    desc = "predicting" if len(paths) <= chunk else f"predicting {start + 1}-{start + len(records)} of {len(paths)}"
+    scored = evaluate.score_dataset(config, method, state, extractor, records, desc, scorer)
+    # Without a stored decision the overlays' colours come from the first chunk's maps.
+    scale = scale or evaluate.colour_scale(scored, decision)
+    for i, (record, name) in enumerate(zip(records, names[start:start + chunk])):
+      results.append(_write_outputs(output_dir, record, name, scored, i, scale, decision,
+                                    method.normalisation(extractor)))
+    del scored  # before the next chunk is scored, not after
   results.sort(key=lambda r: -r["score"])
   io_utils.write_json(os.path.join(output_dir, "predictions.json"),
                       {"threshold": None if decision is None else decision["threshold"], "predictions": results})
@@ -103,6 +93,26 @@ def run(config, workdir: str, input_dir: str, output_dir: str = "", threshold: f
   logging.info("Scored %d images%s; results in %s", len(results),
                "" if threshold is None else f", {flagged} anomalous at threshold {threshold:.4g}", output_dir)
   return {"predictions": results, "output_dir": output_dir, "threshold": threshold}
+
+
+def _write_outputs(output_dir, record, name, scored, i, scale, decision, normalisation) -> dict:
+  """Image i of a scored chunk: its map, overlay and defect mask files, and its row of the results."""
+  amap = scored["maps"][i]
+  io_utils.atomic_write(os.path.join(output_dir, "maps", name + ".npy"), lambda f: np.save(f, amap))
+  rgb = evaluate.overlay_image(scored, i, record, normalisation)
+  panel = evaluate.overlay_panel(rgb, None, amap, *scale)
+  panel = np.concatenate([panel[:, :rgb.shape[1]], panel[:, 2 * rgb.shape[1]:]], axis=1)
+  io_utils.write_png(os.path.join(output_dir, "overlays", name + ".png"), panel)
+  score = float(scored["scores"][i])
+  row = {"image": record.path, "name": name, "score": score}
+  if decision is not None:
+    row["normalised_score"] = evaluate.normalised_scores(decision, [score])[0]
+    row["anomalous"] = bool(score > decision["threshold"])
+  defects = evaluate.defect_pixels(decision, amap)
+  if defects is not None:
+    row["defect_fraction"] = float(defects.mean())
+    io_utils.write_png(os.path.join(output_dir, "defects", name + ".png"), defects.astype(np.uint8) * 255)
+  return row
 
 
 def _say_what_is_not_scored(input_dir, paths) -> None:

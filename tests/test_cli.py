@@ -104,6 +104,17 @@ def test_the_pixel_decision_is_the_image_rule_per_pixel(tmp_path, caplog):
   assert "holds no pixel threshold" in caplog.text and "--mode=eval" in caplog.text
 
 
+def test_a_config_json_from_before_a_shared_key_gets_its_default_and_keeps_its_values(tmp_path):
+  from adjax import json_config
+  from configs import patch_knn
+  config = json.loads(patch_knn.get_config("").to_json_best_effort())
+  del config["eval"]["predict_chunk"]
+  config["eval"]["batch_size"] = 3
+  (tmp_path / "config.json").write_text(json.dumps(config))
+  loaded = json_config.get_config(str(tmp_path / "config.json"))
+  assert loaded.eval.predict_chunk == 64 and loaded.eval.batch_size == 3
+
+
 def test_predict_and_export_name_the_trained_categories_when_asked_for_another_or_all(tmp_path):
   from adjax import checkpoints, predict
   from adjax.errors import CheckpointError, ConfigError
@@ -154,6 +165,17 @@ def test_predict_decides_and_never_mixes_runs(trained, tmp_path):
   assert rows[0]["defect_fraction"] > 0  # the hole
   csv_lines = (outputs[1] / "predictions.csv").read_text().splitlines()
   assert csv_lines[0] == "image,name,score,normalised_score,anomalous,defect_fraction" and len(csv_lines) == 4
+  # Scored two images at a time (chunks of 2 and 1): the same results and files.
+  result = run_cli(*args, f"--workdir={workdir}", "--mode=predict", f"--predict_dir={images}",
+                   "--config.data.category=wood", "--config.eval.predict_chunk=2",
+                   f"--output_dir={tmp_path / 'chunked'}")
+  assert result.returncode == 0, result.stderr[-3000:]
+  chunked = json.load(open(tmp_path / "chunked" / "predictions.json"))["predictions"]
+  assert [r["name"] for r in chunked] == [r["name"] for r in rows]
+  for mine, theirs in zip(chunked, rows):
+    assert mine["score"] == pytest.approx(theirs["score"], rel=1e-6) and mine["anomalous"] == theirs["anomalous"]
+    np.testing.assert_allclose(np.load(tmp_path / "chunked" / "maps" / f"{mine['name']}.npy"),
+                               np.load(outputs[1] / "maps" / f"{mine['name']}.npy"), rtol=1e-6)
   # --threshold overrides the stored one; an --output_dir that holds files is refused.
   result = run_cli(*args, f"--workdir={workdir}", "--mode=predict", f"--predict_dir={images}",
                    "--config.data.category=wood", "--threshold=1e9", f"--output_dir={outputs[0]}")
