@@ -70,6 +70,10 @@ def load_splits(config, method) -> list:
     logging.info("%s test folders: %s", split.category, "; ".join(
         f"{name}: {'normal' if labels[0] == 0 else 'defect type'} ({len(labels)} images)"
         for name, labels in sorted(folders.items())))
+    for name in sorted(f for f, labels in folders.items() if labels[0] == 1 and datasets.named_like_normal(f)):
+      logging.warning("%s: test/%s is taken as a defect type, its images as anomalous. If they are normal images, "
+                      "move them into test/good (a normal test folder is named good, ok or normal).",
+                      split.category, name)
     if not any(r.label for r in split.test):
       logging.warning("%s: no anomalous test images (only %s), so image AUROC and the pixel metrics are undefined "
                       "and reported as null. Put defective images in test/<defect type>/.", split.category,

@@ -116,6 +116,18 @@ def test_a_test_set_without_normal_images_is_explained(tmp_path, caplog):
   assert "defects_only: no normal test images (only scratch)" in caplog.text
 
 
+def test_a_test_folder_named_like_a_normal_one_is_warned_about(tmp_path, caplog):
+  root = str(tmp_path / "part")
+  _folder(root, defects=False)  # no ground_truth/, so any test folder but good is a defect type without masks
+  _image(os.path.join(root, "test", "good_2", "a.png"), 20)  # a later batch of normal images, misnamed
+  _image(os.path.join(root, "test", "not_good", "b.png"), 21)  # a defect folder, rightly so named
+  config = _run_config(root)
+  with caplog.at_level(logging.WARNING):
+    train.load_splits(config, methods.build(config))
+  warned = [r.getMessage() for r in caplog.records if "taken as a defect type" in r.getMessage()]
+  assert len(warned) == 1 and "test/good_2 is taken as a defect type" in warned[0] and "test/good" in warned[0]
+
+
 def test_eval_and_resume_refuse_a_changed_training_set_but_not_new_test_images(tmp_path):
   root = tmp_path / "part"
   _folder(str(root))

@@ -25,6 +25,7 @@ import csv
 import dataclasses
 import hashlib
 import os
+import re
 
 import numpy as np
 
@@ -107,6 +108,14 @@ def _test_records(category_dir: str, category: str, subclass: str, has_masks: bo
         mask = _find_mask(os.path.join(gt_dir, folder), stem, p, required=True) if has_masks else None
         test.append(Record(p, 1, defect, mask, subclass, category))
   return test
+
+
+def named_like_normal(folder: str) -> bool:
+  """A folder name that is not one of NORMAL_DIRS but has one as a word (good_2, OK-parts, Normal new),
+  and no negation (not_good, no_ok)."""
+  words = re.split(r"[^a-z]+", folder.lower())
+  return (folder.lower() not in NORMAL_DIRS and any(w in NORMAL_DIRS for w in words)
+          and not any(w in ("not", "no", "non") for w in words))
 
 
 def _normal_train_folder(category_dir: str) -> str:
