@@ -7,8 +7,8 @@ maps/<name>.npy (the anomaly map: at the image's own resolution in the whole-ima
 data.resize squash or pad, capped by eval.metric_max_side; at the centre crop's in 'crop' mode)
 and overlays/<name>.png, coloured on the fixed scale of the model's held-out normal images
 (without a stored decision, on the first eval.predict_chunk images' own scale);
-with a stored decision, defects/<name>.png (white where the map exceeds the stored pixel
-threshold, at the map's resolution) and each image's defect_fraction (the share of such pixels).
+where the stored decision has a pixel threshold, defects/<name>.png (white where the map exceeds
+it, at the map's resolution) and each image's defect_fraction (the share of such pixels).
 <name> is the file name's stem, with its extension added where two inputs share a stem
 (img.png, img.jpg -> img_png, img_jpg).
 The decision uses the threshold stored at training (evaluate.decision_rule) or --threshold.
