@@ -139,6 +139,12 @@ def test_a_jpeg_mask_is_its_drawn_region_and_any_image_extension_is_found(tmp_pa
   np.testing.assert_array_equal(transforms.load_mask(record.mask_path), drawn > 0)  # not the ringing around it
 
 
+def test_a_folder_named_like_an_image_is_not_taken_for_one(tmp_path):
+  Image.fromarray(np.zeros((4, 4, 3), np.uint8)).save(tmp_path / "y.png")
+  (tmp_path / "x.png").mkdir()
+  assert datasets.images_in(str(tmp_path)) == [str(tmp_path / "y.png")]
+
+
 def test_the_exported_scorer_reads_images_upright_too(tmp_path):
   from adjax import scorer_runtime
   _save_oriented(tmp_path / "x.jpg", np.zeros((20, 30, 3), np.uint8), 6)

@@ -68,8 +68,10 @@ class Split:
 
 
 def images_in(folder: str) -> list:
+  """The image files directly in folder (a subfolder named like an image, x.png/, is not one)."""
   return sorted(os.path.join(folder, f) for f in os.listdir(folder)
-                if f.lower().endswith(transforms.IMAGE_EXTENSIONS) and not f.startswith("."))
+                if f.lower().endswith(transforms.IMAGE_EXTENSIONS) and not f.startswith(".")
+                and not os.path.isdir(os.path.join(folder, f)))
 
 
 def _require_dir(path: str, what: str, fix: str) -> None:
