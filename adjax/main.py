@@ -29,7 +29,8 @@ _WORKDIR = flags.DEFINE_string("workdir", "runs/default", "Where checkpoints, me
 _MODE = flags.DEFINE_enum("mode", "train", ["train", "eval", "predict", "export"],
                           "train (then evaluate), eval (a trained workdir), predict (score --predict_dir), "
                           "export (a self-contained scorer of one category, adjax/export.py).")
-_PREDICT_DIR = flags.DEFINE_string("predict_dir", "", "Folder of images to score in --mode=predict.")
+_PREDICT_DIR = flags.DEFINE_string("predict_dir", "", "Folder of images (or one image file) to score in "
+                                   "--mode=predict.")
 _OUTPUT_DIR = flags.DEFINE_string("output_dir", "", "--mode=predict: where its results go (default: a new "
                                   "folder <workdir>/predictions/<date-time> per run); --mode=export: where the "
                                   "scorer goes (default <workdir>/export/<category>).")

@@ -1,4 +1,4 @@
-"""--mode=predict: score a folder of images with a trained workdir and decide normal or anomalous.
+"""--mode=predict: score a folder of images (or one image) with a trained workdir and decide normal or anomalous.
 
 Writes into --output_dir (default: a new folder <workdir>/predictions/<date-time> per run, so
 runs never mix): predictions.csv and predictions.json (per image, ranked by score: path,
@@ -12,7 +12,8 @@ it, at the map's resolution) and each image's defect_fraction (the share of such
 <name> is the file name's stem, with its extension added where two inputs share a stem
 (img.png, img.jpg -> img_png, img_jpg).
 The decision uses the threshold stored at training (evaluate.decision_rule) or --threshold.
-Only --predict_dir's own images are scored; its subfolders and other files are named in the log.
+Only --predict_dir's own images are scored (or the one image it names); its subfolders and other
+files are named in the log.
 Images are scored and written eval.predict_chunk at a time, so memory does not grow with the folder.
 """
 
@@ -52,12 +53,16 @@ def new_output_dir(workdir: str) -> str:
 
 
 def run(config, workdir: str, input_dir: str, output_dir: str = "", threshold: float | None = None) -> dict:
-  if not input_dir or not os.path.isdir(input_dir):
-    raise DataError(f"--predict_dir {input_dir!r} is not a folder. Give the folder of images to score.")
-  paths = datasets.images_in(input_dir)
-  if not paths:
-    raise DataError(f"The folder {input_dir} holds no images ({', '.join(transforms.IMAGE_EXTENSIONS)}).")
-  _say_what_is_not_scored(input_dir, paths)
+  if os.path.isfile(input_dir) and input_dir.lower().endswith(transforms.IMAGE_EXTENSIONS):
+    paths = [input_dir]  # one image
+  elif not input_dir or not os.path.isdir(input_dir):
+    raise DataError(f"--predict_dir {input_dir!r} is neither a folder nor an image file "
+                    f"({', '.join(transforms.IMAGE_EXTENSIONS)}). Give the folder of images to score, or one image.")
+  else:
+    paths = datasets.images_in(input_dir)
+    if not paths:
+      raise DataError(f"The folder {input_dir} holds no images ({', '.join(transforms.IMAGE_EXTENSIONS)}).")
+    _say_what_is_not_scored(input_dir, paths)
   category = one_category(config, workdir)
   configlib.validate(config)
   method = methods.build(config)

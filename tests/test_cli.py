@@ -165,6 +165,12 @@ def test_predict_decides_and_never_mixes_runs(trained, tmp_path):
   assert rows[0]["defect_fraction"] > 0  # the hole
   csv_lines = (outputs[1] / "predictions.csv").read_text().splitlines()
   assert csv_lines[0] == "image,name,score,normalised_score,anomalous,defect_fraction" and len(csv_lines) == 4
+  # One image file as --predict_dir: that image alone, as the folder run scored it.
+  result = run_cli(*args, f"--workdir={workdir}", "--mode=predict", f"--predict_dir={images / 'test_hole_001.png'}",
+                   "--config.data.category=wood", f"--output_dir={tmp_path / 'one'}")
+  assert result.returncode == 0, result.stderr[-3000:]
+  (one,) = json.load(open(tmp_path / "one" / "predictions.json"))["predictions"]
+  assert one["score"] == pytest.approx(rows[0]["score"], rel=1e-6) and one["name"] == "test_hole_001"
   # Scored two images at a time (chunks of 2 and 1): the same results and files.
   result = run_cli(*args, f"--workdir={workdir}", "--mode=predict", f"--predict_dir={images}",
                    "--config.data.category=wood", "--config.eval.predict_chunk=2",
