@@ -6,7 +6,9 @@ all a production line needs:
 
   python scorer.py <export folder> image.png [more images...]     # prints one JSON line per image
 
-or from Python: `Scorer(folder).score(paths)`. Each result has the image's path, its anomaly
+An image that cannot be read gets a line with its error instead, the others are still scored,
+and the exit status is then 1. From Python: `Scorer(folder).score(paths)` (or `.results(paths)`,
+batch by batch). Each result has the image's path, its anomaly
 score, the normalised score (0 at the model's held-out normal images' median, 1 at the
 threshold; None when the threshold is not above that median), `anomalous` at the stored
 threshold, `defect_mask` (the map's pixels above the stored pixel threshold; printed as its
@@ -41,14 +43,31 @@ class Scorer:
                                      m["resize"])
 
   def score(self, paths, batch_size: int = 8) -> list:
-    results = []
+    """One result per path, in order; a file that cannot be read as an image raises."""
+    return list(self.results(paths, batch_size))
+
+  def results(self, paths, batch_size: int = 8, unreadable: str = "raise"):
+    """score()'s results as each batch is done; with unreadable='report', a file that cannot be read
+    as an image gives {'image': path, 'error': why} in its place and the others are still scored."""
     for start in range(0, len(paths), batch_size):
-      images = [geometry.open_upright(p) for p in paths[start:start + batch_size]]
-      pixels = np.stack([self.preprocess(image) for image in images])
-      scores, maps = (np.asarray(a) for a in self.program.call(pixels))
-      for path, image, score, amap in zip(paths[start:start + batch_size], images, scores, maps):
-        results.append(self._result(path, image.size, float(score), amap))
-    return results
+      batch = paths[start:start + batch_size]
+      images = [self._open(p, unreadable) for p in batch]
+      read = [i for i, image in enumerate(images) if not isinstance(image, str)]
+      if read:
+        pixels = np.stack([self.preprocess(images[i]) for i in read])
+        scores, maps = (np.asarray(a) for a in self.program.call(pixels))
+        for i, score, amap in zip(read, scores, maps):
+          images[i] = self._result(batch[i], images[i].size, float(score), amap)
+      yield from ({"image": p, "error": r} if isinstance(r, str) else r for p, r in zip(batch, images))
+
+  @staticmethod
+  def _open(path, unreadable):
+    try:
+      return geometry.open_upright(path)
+    except (OSError, ValueError, SyntaxError) as e:  # Pillow's errors for missing, broken or unknown files
+      if unreadable == "raise":
+        raise
+      return f"cannot be read as an image: {e}"
 
   def _result(self, path, size, score, amap) -> dict:
     m = self.meta
@@ -70,10 +89,14 @@ class Scorer:
 def main(argv):
   if len(argv) < 3:
     sys.exit("usage: python scorer.py <export folder> <image> [<image> ...]")
-  for result in Scorer(argv[1]).score(argv[2:]):
-    result.pop("map")
+  failed = 0
+  for result in Scorer(argv[1]).results(argv[2:], unreadable="report"):
+    result.pop("map", None)
     result.pop("defect_mask", None)
-    print(json.dumps(result))
+    failed += "error" in result
+    print(json.dumps(result), flush=True)  # each line as soon as its batch is scored
+  if failed:
+    sys.exit(f"{failed} of {len(argv) - 2} images could not be read; their lines say why.")
 
 
 if __name__ == "__main__":

@@ -1,5 +1,6 @@
 """Dataset readers, the grain pipeline and bad-input errors, on real and generated data."""
 
+import json
 import logging
 import os
 import shutil
@@ -145,14 +146,36 @@ def test_a_folder_named_like_an_image_is_not_taken_for_one(tmp_path):
   assert datasets.images_in(str(tmp_path)) == [str(tmp_path / "y.png")]
 
 
-def test_the_exported_scorer_reads_images_upright_too(tmp_path):
+def _stand_in_scorer(monkeypatch):
+  """scorer_runtime.Scorer with a stand-in program (score: the image's mean pixel): the reading only."""
   from adjax import scorer_runtime
+  def init(self, folder):
+    self.meta = {"image_size": 16, "crop_size": 16, "resize": "squash"}
+    self.program = type("Program", (), {"call": lambda _, x: (x.mean(axis=(1, 2, 3)), np.zeros(x.shape[:3]))})()
+  monkeypatch.setattr(scorer_runtime.Scorer, "__init__", init)
+  return scorer_runtime
+
+
+def test_the_exported_scorer_reads_images_upright_too(tmp_path, monkeypatch):
+  scorer_runtime = _stand_in_scorer(monkeypatch)
   _save_oriented(tmp_path / "x.jpg", np.zeros((20, 30, 3), np.uint8), 6)
-  scorer = object.__new__(scorer_runtime.Scorer)  # a stand-in program: the reading and the map's size only
-  scorer.meta = {"image_size": 16, "crop_size": 16, "resize": "squash"}
-  scorer.program = type("Program", (), {"call": lambda self, x: (np.zeros(len(x)), np.zeros(x.shape[:3]))})()
-  (result,) = scorer.score([str(tmp_path / "x.jpg")])
+  (result,) = scorer_runtime.Scorer("export").score([str(tmp_path / "x.jpg")])
   assert result["map"].shape == (30, 20)  # the map at the upright image's pixels
+
+
+def test_the_exported_scorer_reports_an_unreadable_image_and_scores_the_others(tmp_path, monkeypatch, capsys):
+  scorer_runtime = _stand_in_scorer(monkeypatch)
+  paths = [str(tmp_path / n) for n in ("dark.png", "broken.png", "light.png")]
+  Image.fromarray(np.zeros((8, 8, 3), np.uint8)).save(paths[0])
+  (tmp_path / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\n cut off")
+  Image.fromarray(np.full((8, 8, 3), 255, np.uint8)).save(paths[2])
+  with pytest.raises(SystemExit, match="1 of 3 images could not be read"):
+    scorer_runtime.main(["scorer.py", "export", *paths])
+  lines = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+  assert [line["image"] for line in lines] == paths  # in order, the broken one in its place
+  assert "cannot be read as an image" in lines[1]["error"] and lines[0]["score"] < lines[2]["score"]
+  with pytest.raises(OSError):  # from Python, score() raises as any reader would
+    scorer_runtime.Scorer("export").score(paths)
 
 
 def test_an_uncompressed_one_channel_tiff_turned_by_its_tag_is_refused(tmp_path):
