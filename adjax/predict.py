@@ -14,7 +14,9 @@ it, at the map's resolution) and each image's defect_fraction (the share of such
 The decision uses the threshold stored at training (evaluate.decision_rule) or --threshold.
 Only --predict_dir's own images are scored (or the one image it names); its subfolders and other
 files are named in the log.
-Images are scored and written eval.predict_chunk at a time, so memory does not grow with the folder.
+Images are scored and written eval.predict_chunk at a time, so memory does not grow with the folder;
+predictions.csv and .json are rewritten after each chunk, so a run stopped by an image that cannot be
+decoded keeps the results before it.
 """
 
 import csv
@@ -79,21 +81,23 @@ def run(config, workdir: str, input_dir: str, output_dir: str = "", threshold: f
   extractor = method.make_extractor()
   scorer = evaluate.make_scorer(config, method, extractor)  # compiled once for every chunk
   names, chunk, scale, results = output_names(paths), config.eval.predict_chunk, None, []
+  threshold = None if decision is None else decision["threshold"]
   for start in range(0, len(paths), chunk):
     records = [datasets.Record(p, 0, "unknown", None) for p in paths[start:start + chunk]]
     desc = "predicting" if len(paths) <= chunk else f"predicting {start + 1}-{start + len(records)} of {len(paths)}"
-    scored = evaluate.score_dataset(config, method, state, extractor, records, desc, scorer)
+    try:
+      scored = evaluate.score_dataset(config, method, state, extractor, records, desc, scorer)
+    except DataError as e:  # a file that passed the header check but not decoding (a truncated JPEG)
+      raise DataError(f"{e} The {len(results)} images scored before it are in {output_dir} "
+                      "(predictions.csv).") from None
     # Without a stored decision the overlays' colours come from the first chunk's maps.
     scale = scale or evaluate.colour_scale(scored, decision)
     for i, (record, name) in enumerate(zip(records, names[start:start + chunk])):
       results.append(_write_outputs(output_dir, record, name, scored, i, scale, decision,
                                     method.normalisation(extractor)))
     del scored  # before the next chunk is scored, not after
-  results.sort(key=lambda r: -r["score"])
-  io_utils.write_json(os.path.join(output_dir, "predictions.json"),
-                      {"threshold": None if decision is None else decision["threshold"], "predictions": results})
-  _write_csv(os.path.join(output_dir, "predictions.csv"), results)
-  threshold = None if decision is None else decision["threshold"]
+    results.sort(key=lambda r: -r["score"])
+    _write_results(output_dir, threshold, results)  # after every chunk, so a run stopped later keeps these
   flagged = sum(r.get("anomalous", False) for r in results)
   logging.info("Scored %d images%s; results in %s", len(results),
                "" if threshold is None else f", {flagged} anomalous at threshold {threshold:.4g}", output_dir)
@@ -170,6 +174,11 @@ def _decision(workdir, category, threshold):
                     "one held-out image, or tied scores: train with more normal images or a larger "
                     "data.threshold_fraction")
   return decision
+
+
+def _write_results(output_dir, threshold, results) -> None:
+  io_utils.write_json(os.path.join(output_dir, "predictions.json"), {"threshold": threshold, "predictions": results})
+  _write_csv(os.path.join(output_dir, "predictions.csv"), results)
 
 
 def _write_csv(path, rows):

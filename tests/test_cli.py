@@ -192,6 +192,22 @@ def test_predict_decides_and_never_mixes_runs(trained, tmp_path):
   assert not any(r["anomalous"] for r in json.load(open(tmp_path / "high" / "predictions.json"))["predictions"])
 
 
+def test_predict_stopped_by_an_undecodable_image_keeps_the_results_before_it(trained, tmp_path):
+  workdir, args, data = trained
+  images = tmp_path / "new"
+  images.mkdir()
+  for name in ("000.png", "001.png"):
+    shutil.copy(os.path.join(data, "wood", "oak", "test/good", name), images / name)
+  Image.fromarray(np.random.default_rng(0).integers(0, 256, (200, 300, 3), np.uint8)).save(tmp_path / "whole.jpg")
+  whole = (tmp_path / "whole.jpg").read_bytes()
+  (images / "zz.jpg").write_bytes(whole[: len(whole) // 2])  # its header reads, its pixels do not (a copy cut off)
+  result = run_cli(*args, f"--workdir={workdir}", "--mode=predict", f"--predict_dir={images}",
+                   "--config.data.category=wood", "--config.eval.predict_chunk=1", f"--output_dir={tmp_path / 'out'}")
+  _assert_clean_failure(result, "zz.jpg cannot be read as an image", "The 2 images scored before it are in")
+  rows = (tmp_path / "out" / "predictions.csv").read_text().splitlines()
+  assert len(rows) == 3 and {r.split(",")[1] for r in rows[1:]} == {"000", "001"}
+
+
 def test_stored_threshold_flags_few_normal_test_images(trained, tmp_path):
   workdir, args, data = trained
   report = json.load(open(workdir / "metrics.json"))["metrics"]["wood"]["decision"]
