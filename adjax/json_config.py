@@ -8,6 +8,7 @@ import json
 import os
 
 import ml_collections
+from absl import logging
 
 from adjax import configlib
 from adjax.errors import ConfigError
@@ -32,14 +33,18 @@ def get_config(path: str = ""):
   except json.JSONDecodeError as e:
     raise ConfigError(f"{path} is not valid JSON ({e}); restore it from the run that wrote it.") from None
   config = ml_collections.ConfigDict(_tuples(values))
-  _add_missing(config, configlib.base(), sections=("data", "train", "eval"))
+  _add_missing(config, configlib.base(), ("data", "train", "eval"), path)
   return config
 
 
-def _add_missing(config, defaults, sections) -> None:
+def _add_missing(config, defaults, sections, path) -> None:
   """A config.json written before a shared key existed gets that key's default (never a changed value)."""
+  added = []
   for section in sections:
     if section in config:
       for key, value in defaults[section].items():
         if key not in config[section]:
           config[section][key] = value
+          added.append(f"{section}.{key}={value!r}")
+  if added:
+    logging.warning("%s was written before these keys existed; using their defaults: %s.", path, ", ".join(added))

@@ -104,15 +104,17 @@ def test_the_pixel_decision_is_the_image_rule_per_pixel(tmp_path, caplog):
   assert "holds no pixel threshold" in caplog.text and "--mode=eval" in caplog.text
 
 
-def test_a_config_json_from_before_a_shared_key_gets_its_default_and_keeps_its_values(tmp_path):
+def test_a_config_json_from_before_a_shared_key_gets_its_default_and_keeps_its_values(tmp_path, caplog):
   from adjax import json_config
   from configs import patch_knn
   config = json.loads(patch_knn.get_config("").to_json_best_effort())
   del config["eval"]["predict_chunk"]
   config["eval"]["batch_size"] = 3
   (tmp_path / "config.json").write_text(json.dumps(config))
-  loaded = json_config.get_config(str(tmp_path / "config.json"))
+  with caplog.at_level(logging.WARNING):
+    loaded = json_config.get_config(str(tmp_path / "config.json"))
   assert loaded.eval.predict_chunk == 64 and loaded.eval.batch_size == 3
+  assert "config.json was written before these keys existed; using their defaults: eval.predict_chunk=64" in caplog.text
 
 
 def test_predict_and_export_name_the_trained_categories_when_asked_for_another_or_all(tmp_path):
