@@ -19,6 +19,7 @@ predictions.csv and .json are rewritten after each chunk, so a run stopped by an
 decoded keeps the results before it.
 """
 
+import concurrent.futures
 import csv
 import io
 import json
@@ -81,23 +82,34 @@ def run(config, workdir: str, input_dir: str, output_dir: str = "", threshold: f
   extractor = method.make_extractor()
   scorer = evaluate.make_scorer(config, method, extractor)  # compiled once for every chunk
   names, chunk, scale, results = output_names(paths), config.eval.predict_chunk, None, []
-  threshold = None if decision is None else decision["threshold"]
-  for start in range(0, len(paths), chunk):
-    records = [datasets.Record(p, 0, "unknown", None) for p in paths[start:start + chunk]]
-    desc = "predicting" if len(paths) <= chunk else f"predicting {start + 1}-{start + len(records)} of {len(paths)}"
-    try:
-      scored = evaluate.score_dataset(config, method, state, extractor, records, desc, scorer)
-    except DataError as e:  # a file that passed the header check but not decoding (a truncated JPEG)
-      raise DataError(f"{e} The {len(results)} images scored before it are in {output_dir} "
-                      "(predictions.csv).") from None
-    # Without a stored decision the overlays' colours come from the first chunk's maps.
-    scale = scale or evaluate.colour_scale(scored, decision)
-    for i, (record, name) in enumerate(zip(records, names[start:start + chunk])):
-      results.append(_write_outputs(output_dir, record, name, scored, i, scale, decision,
-                                    method.normalisation(extractor)))
-    del scored  # before the next chunk is scored, not after
+  threshold, normalisation = None if decision is None else decision["threshold"], method.normalisation(extractor)
+  pending = []  # the last chunk's file writes, done on background threads while the next chunk is scored
+
+  def collect():  # its rows into the results, rewritten after every chunk so that a later stop keeps them
+    results.extend(f.result() for f in pending)
+    pending.clear()
     results.sort(key=lambda r: -r["score"])
-    _write_results(output_dir, threshold, results)  # after every chunk, so a run stopped later keeps these
+    _write_results(output_dir, threshold, results)
+
+  # Two writers at least: PNG encoding and fsync leave the interpreter lock, so they overlap even on 2 cores.
+  with concurrent.futures.ThreadPoolExecutor(max(2, io_utils.background_threads())) as writer:
+    for start in range(0, len(paths), chunk):
+      records = [datasets.Record(p, 0, "unknown", None) for p in paths[start:start + chunk]]
+      desc = "predicting" if len(paths) <= chunk else f"predicting {start + 1}-{start + len(records)} of {len(paths)}"
+      try:
+        scored = evaluate.score_dataset(config, method, state, extractor, records, desc, scorer)
+      except DataError as e:  # a file that passed the header check but not decoding (a truncated JPEG)
+        collect()
+        raise DataError(f"{e} The {len(results)} images scored before it are in {output_dir} "
+                        "(predictions.csv).") from None
+      # Without a stored decision the overlays' colours come from the first chunk's maps.
+      scale = scale or evaluate.colour_scale(scored, decision)
+      collect()
+      pending.extend(writer.submit(_write_outputs, output_dir, record, name, scored, i, scale, decision,
+                                   normalisation)
+                     for i, (record, name) in enumerate(zip(records, names[start:start + chunk])))
+      del scored  # held by the writes alone, so freed once they are done
+    collect()
   flagged = sum(r.get("anomalous", False) for r in results)
   logging.info("Scored %d images%s; results in %s", len(results),
                "" if threshold is None else f", {flagged} anomalous at threshold {threshold:.4g}", output_dir)
