@@ -51,14 +51,15 @@ class Scorer:
     as an image gives {'image': path, 'error': why} in its place and the others are still scored."""
     for start in range(0, len(paths), batch_size):
       batch = paths[start:start + batch_size]
-      images = [self._open(p, unreadable) for p in batch]
-      read = [i for i, image in enumerate(images) if not isinstance(image, str)]
+      images = [self._open(p, unreadable) for p in batch]  # an image, or why it cannot be read
+      results = [{"image": p, "error": image} if isinstance(image, str) else None for p, image in zip(batch, images)]
+      read = [i for i, result in enumerate(results) if result is None]
       if read:
         pixels = np.stack([self.preprocess(images[i]) for i in read])
         scores, maps = (np.asarray(a) for a in self.program.call(pixels))
         for i, score, amap in zip(read, scores, maps):
-          images[i] = self._result(batch[i], images[i].size, float(score), amap)
-      yield from ({"image": p, "error": r} if isinstance(r, str) else r for p, r in zip(batch, images))
+          results[i] = self._result(batch[i], images[i].size, float(score), amap)
+      yield from results
 
   @staticmethod
   def _open(path, unreadable):
