@@ -42,7 +42,7 @@ def _reading(path: str, what: str):
     raise DataError(f"The {what} {e}") from None
   except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as e:
     raise DataError(f"The {what} {path} cannot be read as an image ({e}). Replace it with an intact "
-                    "copy, or delete it from the dataset folder.") from None
+                    "copy, or remove it from its folder.") from None
 
 
 def _open(path: str, what: str) -> Image.Image:
