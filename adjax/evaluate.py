@@ -67,9 +67,10 @@ def make_scorer(config, method, extractor):
   return score_batch
 
 
-def score_dataset(config, method, state, extractor, records, desc, scorer=None):
-  """Runs the pipeline over `records`, in record order: 'scores' (N,), 'labels' (N,), 'images'
-  (the model inputs), 'input_maps' and 'input_masks' (N, S, S) at the model's input, and 'maps'
+def score_dataset(config, method, state, extractor, records, desc, scorer=None, keep_images=False):
+  """Runs the pipeline over `records`, in record order: 'scores' (N,), 'labels' (N,), with
+  keep_images 'images' (the model inputs: a method's calibration reads them; overlays re-read the
+  files), 'input_maps' and 'input_masks' (N, S, S) at the model's input, and 'maps'
   and 'masks' as the metrics compare them: in the whole-image modes (data.resize squash, pad)
   a list of per-image arrays at each image's own resolution (at most eval.metric_max_side on
   the longer side), the masks read from their files; in 'crop' mode the input arrays, which
@@ -94,15 +95,17 @@ def score_dataset(config, method, state, extractor, records, desc, scorer=None):
       diagnostics.append({k: np.asarray(v[:count]) for k, v in d.items()})
       masks.append(batch["mask"])
       labels.append(batch["label"])
-      images.append(batch["image"])
+      if keep_images:
+        images.append(batch["image"])
       sizes.append(batch["size"])
       bar.update(len(batch["label"]))
   names = diagnostics[0] if diagnostics else {}
-  scored = parallel.gather_shards(
-      {"scores": np.concatenate(scores), "input_maps": np.concatenate(maps),
-       "input_masks": np.concatenate(masks), "labels": np.concatenate(labels),
-       "images": np.concatenate(images), "sizes": np.concatenate(sizes),
-       "diagnostics": {k: np.concatenate([d[k] for d in diagnostics]) for k in names}}, len(records), "scored images")
+  arrays = {"scores": np.concatenate(scores), "input_maps": np.concatenate(maps),
+            "input_masks": np.concatenate(masks), "labels": np.concatenate(labels), "sizes": np.concatenate(sizes),
+            "diagnostics": {k: np.concatenate([d[k] for d in diagnostics]) for k in names}}
+  if keep_images:
+    arrays["images"] = np.concatenate(images)
+  scored = parallel.gather_shards(arrays, len(records), "scored images")
   scored["maps"], scored["masks"] = scored["input_maps"], scored["input_masks"]
   if config.data.resize in transforms.WHOLE_IMAGE:
     scored["maps"], scored["masks"] = [], []
@@ -269,14 +272,13 @@ def defect_pixels(decision, amap):
   return np.asarray(amap) > decision["pixel_threshold"]
 
 
-def overlay_image(scored, i, record, normalisation) -> np.ndarray:
-  """The uint8 RGB picture under image i's map: the model input, or, when the map is at the
-  image's own resolution (whole-image modes), the image file at that resolution."""
-  amap = scored["maps"][i]
-  if amap.shape == scored["images"][i].shape[:2]:
-    return transforms.denormalise(scored["images"][i], *normalisation)
+def overlay_image(record, amap, config) -> np.ndarray:
+  """The uint8 RGB picture under a map, from the image file: at the map's resolution in the
+  whole-image modes (the image's own, capped), the centre crop the model saw in 'crop' mode."""
   image = transforms.load_image(record.path)
-  return np.asarray(image.resize((amap.shape[1], amap.shape[0]), Image.BILINEAR), np.uint8)
+  if config.data.resize in transforms.WHOLE_IMAGE:
+    return np.asarray(image.resize((amap.shape[1], amap.shape[0]), Image.BILINEAR), np.uint8)
+  return transforms.preprocess_image(image, config.data.image_size, config.data.crop_size, None, None, "crop")
 
 
 def colour_scale(scored, decision):
@@ -286,7 +288,7 @@ def colour_scale(scored, decision):
   return tuple(np.percentile(metrics.ravel(scored["maps"]), [1, 99.9]))
 
 
-def write_overlays(directory, split, scored, normalisation, count, decision=None):
+def write_overlays(directory, split, scored, config, count, decision=None):
   """PNG overlays for up to `count` test images, anomalous ones first, one colour scale per
   category (the held-out normal images' when there are some)."""
   if count <= 0:
@@ -297,14 +299,14 @@ def write_overlays(directory, split, scored, normalisation, count, decision=None
   lo, hi = colour_scale(scored, decision)
   for i in picks:
     record = split.test[int(i)]
-    rgb = overlay_image(scored, int(i), record, normalisation)
+    rgb = overlay_image(record, scored["maps"][i], config)
     panel = overlay_panel(rgb, scored["masks"][i] if split.has_masks else None, scored["maps"][i], lo, hi)
     name = f"{record.defect_type}_{record.subclass + '_' if record.subclass else ''}" \
            f"{os.path.splitext(os.path.basename(record.path))[0]}.png"
     io_utils.write_png(os.path.join(directory, name), panel)
 
 
-def category_report(split, scored, config, decision, normalisation, overlay_dir) -> dict:
+def category_report(split, scored, config, decision, overlay_dir) -> dict:
   """One category's entry of the report from its scored test set: category_metrics, the decision
   rule's counts, the method's diagnostics; and, on the main process, its overlays."""
   report = category_metrics(split, scored, config)
@@ -313,7 +315,7 @@ def category_report(split, scored, config, decision, normalisation, overlay_dir)
   if scored["diagnostics"]:
     report["diagnostics"] = log_diagnostics(split.category, scored["diagnostics"], scored["labels"], config)
   if parallel.is_main_process():
-    write_overlays(overlay_dir, split, scored, normalisation, config.eval.num_overlays, decision)
+    write_overlays(overlay_dir, split, scored, config, config.eval.num_overlays, decision)
   return report
 
 
@@ -335,15 +337,14 @@ class Reports:
   def __exit__(self, *exc):
     self.pool.shutdown(wait=True, cancel_futures=True)
 
-  def submit(self, split, scored, config, decision, normalisation, overlay_dir):
+  def submit(self, split, scored, config, decision, overlay_dir):
     running = [f for f in self.futures.values() if not f.done()]
     if len(running) >= self.threads:
       concurrent.futures.wait(running, return_when=concurrent.futures.FIRST_COMPLETED)
     for future in self.futures.values():
       if future.done():
         future.result()
-    self.futures[split.category] = self.pool.submit(category_report, split, scored, config, decision, normalisation,
-                                                    overlay_dir)
+    self.futures[split.category] = self.pool.submit(category_report, split, scored, config, decision, overlay_dir)
 
   def results(self) -> dict:
     return {category: future.result() for category, future in self.futures.items()}

@@ -82,7 +82,7 @@ def run(config, workdir: str, input_dir: str, output_dir: str = "", threshold: f
   extractor = method.make_extractor()
   scorer = evaluate.make_scorer(config, method, extractor)  # compiled once for every chunk
   names, chunk, scale, results = output_names(paths), config.eval.predict_chunk, None, []
-  threshold, normalisation = None if decision is None else decision["threshold"], method.normalisation(extractor)
+  threshold = None if decision is None else decision["threshold"]
   pending = []  # the last chunk's file writes, done on background threads while the next chunk is scored
 
   def collect():  # its rows into the results, rewritten after every chunk so that a later stop keeps them
@@ -105,8 +105,7 @@ def run(config, workdir: str, input_dir: str, output_dir: str = "", threshold: f
       # Without a stored decision the overlays' colours come from the first chunk's maps.
       scale = scale or evaluate.colour_scale(scored, decision)
       collect()
-      pending.extend(writer.submit(_write_outputs, output_dir, record, name, scored, i, scale, decision,
-                                   normalisation)
+      pending.extend(writer.submit(_write_outputs, output_dir, record, name, scored, i, scale, decision, config)
                      for i, (record, name) in enumerate(zip(records, names[start:start + chunk])))
       del scored  # held by the writes alone, so freed once they are done
     collect()
@@ -116,11 +115,11 @@ def run(config, workdir: str, input_dir: str, output_dir: str = "", threshold: f
   return {"predictions": results, "output_dir": output_dir, "threshold": threshold}
 
 
-def _write_outputs(output_dir, record, name, scored, i, scale, decision, normalisation) -> dict:
+def _write_outputs(output_dir, record, name, scored, i, scale, decision, config) -> dict:
   """Image i of a scored chunk: its map, overlay and defect mask files, and its row of the results."""
   amap = scored["maps"][i]
   io_utils.atomic_write(os.path.join(output_dir, "maps", name + ".npy"), lambda f: np.save(f, amap))
-  rgb = evaluate.overlay_image(scored, i, record, normalisation)
+  rgb = evaluate.overlay_image(record, amap, config)
   panel = evaluate.overlay_panel(rgb, None, amap, *scale)
   panel = np.concatenate([panel[:, :rgb.shape[1]], panel[:, 2 * rgb.shape[1]:]], axis=1)
   io_utils.write_png(os.path.join(output_dir, "overlays", name + ".png"), panel)

@@ -246,7 +246,7 @@ def _calibrator(config, method, extractor, split, scorer):
     if not method.calibrates:
       return state
     scored = evaluate.score_dataset(config, method, state, extractor, split.calibration,
-                                    f"calibrating {split.category}", scorer)
+                                    f"calibrating {split.category}", scorer, keep_images=True)
     return method.calibrate(state, {"scores": scored["scores"], "maps": scored["input_maps"],
                                     "labels": scored["labels"], "images": scored["images"]})
   return calibrate
@@ -455,8 +455,7 @@ def _run(config, method, workdir: str, mode: str) -> dict:
           io_utils.write_json(evaluate.decision_path(workdir, split.category), decision)
       scored = evaluate.score_dataset(config, method, state, extractor, split.test, f"scoring {split.category}",
                                       scorer)
-      reports.submit(split, scored, config, decision, method.normalisation(extractor),
-                     os.path.join(workdir, "overlays", split.category))
+      reports.submit(split, scored, config, decision, os.path.join(workdir, "overlays", split.category))
     per_category = reports.results()
   report = evaluate.summarise(per_category, configlib.novel_categories(config))
   if parallel.is_main_process():

@@ -160,11 +160,11 @@ def test_reports_run_behind_the_caller_in_submission_order_and_fail_at_the_next_
   cat = lambda name: types.SimpleNamespace(category=name)
   with evaluate.Reports(threads=2) as reports:
     for name, sleep in (("a", 0.3), ("b", 0.0), ("c", 0.1), ("d", 0.0)):
-      reports.submit(cat(name), {"sleep": sleep}, None, None, None, None)
+      reports.submit(cat(name), {"sleep": sleep}, None, None, None)
     assert list(reports.results()) == ["a", "b", "c", "d"]
     assert [r["category"] for r in reports.results().values()] == ["a", "b", "c", "d"]
   assert most[0] == 2  # a slow report runs while the next ones are submitted, never more than `threads`
   with evaluate.Reports(threads=1) as reports:
-    reports.submit(cat("bad"), {"sleep": 0.1, "fail": True}, None, None, None, None)
+    reports.submit(cat("bad"), {"sleep": 0.1, "fail": True}, None, None, None)
     with pytest.raises(ValueError, match="bad failed"):
-      reports.submit(cat("next"), {"sleep": 0.0}, None, None, None, None)
+      reports.submit(cat("next"), {"sleep": 0.0}, None, None, None)

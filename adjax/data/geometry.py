@@ -213,9 +213,3 @@ def mask_at(mask: np.ndarray, width: int, height: int) -> np.ndarray:
   if mask.shape == (height, width):
     return mask
   return np.asarray(Image.fromarray(mask.astype(np.uint8) * 255).resize((width, height), Image.NEAREST)) > 127
-
-
-def denormalise(image: np.ndarray, mean, std) -> np.ndarray:
-  """Inverse of the normalisation, as uint8 RGB, for overlays."""
-  array = image * np.asarray(std, np.float32) + np.asarray(mean, np.float32)
-  return np.clip(array * 255.0, 0, 255).round().astype(np.uint8)

@@ -13,7 +13,6 @@ from adjax.data.geometry import (  # noqa: F401  (re-exported)
   WHOLE_IMAGE,
   UnsupportedImage,
   content_box,
-  denormalise,
   input_side,
   kept_fraction,
   limited_size,
