@@ -13,7 +13,7 @@ it, at the map's resolution) and each image's defect_fraction (the share of such
 (img.png, img.jpg -> img_png, img_jpg).
 The decision uses the threshold stored at training (evaluate.decision_rule) or --threshold.
 Only --predict_dir's own images are scored (or the one image it names); its subfolders and other
-files are named in the log.
+files are named in the log, and so are images shaped unlike every training image.
 Images are scored and written eval.predict_chunk at a time, so memory does not grow with the folder;
 predictions.csv and .json are rewritten after each chunk, so a run stopped by an image that cannot be
 decoded keeps the results before it.
@@ -75,8 +75,7 @@ def run(config, workdir: str, input_dir: str, output_dir: str = "", threshold: f
     raise ConfigError(f"--output_dir {output_dir} already holds files; give an empty or new folder (without "
                       "--output_dir each run gets a new one under <workdir>/predictions).")
   checkpoints.check_writable(output_dir)
-  for p in paths:
-    transforms.image_size_of(p)
+  _say_what_differs_from_training(workdir, category, config, paths, [transforms.image_size_of(p) for p in paths])
   decision = _decision(workdir, category, threshold)
   state = checkpoints.restore_trained(workdir, category, config, method.trains)
   extractor = method.make_extractor()
@@ -133,6 +132,23 @@ def _write_outputs(output_dir, record, name, scored, i, scale, decision, config)
     row["defect_fraction"] = float(defects.mean())
     io_utils.write_png(os.path.join(output_dir, "defects", name + ".png"), defects.astype(np.uint8) * 255)
   return row
+
+
+def _say_what_differs_from_training(workdir, category, config, paths, sizes) -> None:
+  """A warning for images shaped unlike every training image: data.resize turns them into inputs of
+  proportions the model never saw (squash stretches them differently, pad and crop frame them
+  differently), which raises their scores whether or not they hold a defect."""
+  path = os.path.join(workdir, checkpoints.TRAINING_SETS)
+  recorded = io_utils.read_json(path).get(category, {}) if os.path.exists(path) else {}
+  if not recorded.get("aspect_ratios"):  # recorded before aspect ratios were
+    return
+  outliers = datasets.aspect_outliers(sizes, recorded["aspect_ratios"])
+  if outliers:
+    (w, h), (lo, hi) = sizes[outliers[0]], recorded["aspect_ratios"]
+    logging.warning("%d of %d images are shaped unlike the training images of %s (width / height %.2f..%.2f), "
+                    "e.g. %s (%dx%d, %.2f); data.resize=%s makes them inputs of proportions the model never saw, so "
+                    "expect higher scores. Crop them as the training images were.", len(outliers), len(paths),
+                    category, lo, hi, paths[outliers[0]], w, h, w / h, config.data.resize)
 
 
 def _say_what_is_not_scored(input_dir, paths) -> None:

@@ -2,6 +2,7 @@
 test images under good/ok/normal in any case, hidden folders skipped, masks of any extension case,
 every test folder's role logged, and a test set without defects explained."""
 
+import json
 import logging
 import os
 
@@ -142,6 +143,22 @@ def test_eval_and_resume_refuse_a_changed_training_set_but_not_new_test_images(t
   for mode in ("eval", "train"):
     with pytest.raises(ConfigError, match=r"training images of part are not the ones .*11 train, 1 held-out then"):
       train.run(config, workdir, mode)
+
+
+def test_predict_warns_about_images_shaped_unlike_every_training_image(tmp_path, caplog):
+  from adjax import predict
+  root = tmp_path / "part"
+  _folder(str(root))  # 40x32 training images: width / height 1.25
+  config = _run_config(root)
+  workdir = str(tmp_path / "run")
+  train.run(config, workdir, "train")
+  assert json.load(open(os.path.join(workdir, "training_sets.json")))["part"]["aspect_ratios"] == [1.25, 1.25]
+  sizes = [(40, 32), (44, 34), (100, 32), (32, 40)]  # as trained, 1.29 (within 10%), a strip, turned on its side
+  with caplog.at_level(logging.WARNING):
+    predict._say_what_differs_from_training(workdir, "part", config, [f"{i}.png" for i in range(4)], sizes)
+  warned = [r.getMessage() for r in caplog.records if "shaped unlike" in r.getMessage()]
+  assert len(warned) == 1 and warned[0].startswith("2 of 4 images are shaped unlike the training images of part")
+  assert "e.g. 2.png (100x32, 3.12)" in warned[0] and "data.resize=squash" in warned[0]
 
 
 def test_a_workdir_whose_run_stopped_before_its_first_checkpoint_takes_another_config(tmp_path):

@@ -306,11 +306,21 @@ def validate(split: Split) -> list:
 
 def training_set_fingerprint(split: Split, root: str) -> dict:
   """What a category's model was fitted and calibrated on: its training, threshold and calibration
-  images (paths relative to the dataset root, so a moved dataset still matches), counted and hashed."""
+  images (paths relative to the dataset root, so a moved dataset still matches), counted and hashed,
+  and the range of their aspect ratios (width / height), which predict compares new images with."""
   roles = (("train", split.train), ("held_out", split.held_out), ("calibration", split.calibration))
   names = sorted(f"{role}:{os.path.relpath(r.path, root)}" for role, records in roles for r in records)
+  aspects = [w / h for w, h in (transforms.image_size_of(r.path) for _, records in roles for r in records)]
   return {"images": {role: len(records) for role, records in roles},
-          "sha256": hashlib.sha256("\n".join(names).encode()).hexdigest()}
+          "sha256": hashlib.sha256("\n".join(names).encode()).hexdigest(),
+          "aspect_ratios": [min(aspects), max(aspects)] if aspects else None}
+
+
+def aspect_outliers(sizes, aspect_ratios, tolerance: float = 1.1) -> list:
+  """Indices of the (width, height) sizes whose aspect ratio lies outside the training images'
+  range [lo, hi] by more than `tolerance` times."""
+  lo, hi = aspect_ratios
+  return [i for i, (w, h) in enumerate(sizes) if not lo / tolerance <= w / h <= hi * tolerance]
 
 
 def hold_out_normals(split: Split, fraction: float, seed: int, into: str = "held_out") -> Split:
