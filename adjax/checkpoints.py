@@ -126,13 +126,18 @@ def restore_trained(workdir, category, config, trains=True):
 TRAINING_SETS = "training_sets.json"  # per category: datasets.training_set_fingerprint at training
 
 
+def recorded_training_sets(workdir) -> dict:
+  """The training-set fingerprints workdir recorded at training, by category ({} before there were any)."""
+  path = os.path.join(workdir, TRAINING_SETS)
+  return io_utils.read_json(path) if os.path.exists(path) else {}
+
+
 def _check_training_sets(workdir, current: dict, mode: str, fresh: bool) -> None:
   """Training records each category's training-set fingerprint; resuming it, or evaluating it (which
   sets the decision threshold again on the images held out in training), needs the same images: with
   others, a threshold image could be one the model trained on. Workdirs from before the record pass;
   `fresh` (training, nothing trained yet) records anew."""
-  path = os.path.join(workdir, TRAINING_SETS)
-  recorded = io_utils.read_json(path) if os.path.exists(path) and not fresh else {}
+  recorded = {} if fresh else recorded_training_sets(workdir)
   changed = [c for c in current if c in recorded and recorded[c]["sha256"] != current[c]["sha256"]]
   if changed:
     counts = "; ".join(f"{c}: {_counts(recorded[c])} then, {_counts(current[c])} now" for c in changed)
@@ -140,7 +145,7 @@ def _check_training_sets(workdir, current: dict, mode: str, fresh: bool) -> None
                       f"({counts}; a file added, removed or renamed changes which images were held out). Restore "
                       "them, or train into a new --workdir.")
   if mode == "train" and parallel.is_main_process() and any(c not in recorded for c in current):
-    io_utils.write_json(path, {**recorded, **current})
+    io_utils.write_json(os.path.join(workdir, TRAINING_SETS), {**recorded, **current})
 
 
 def _counts(fingerprint) -> str:

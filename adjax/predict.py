@@ -138,8 +138,7 @@ def _say_what_differs_from_training(workdir, category, config, paths, sizes) -> 
   """A warning for images shaped unlike every training image: data.resize turns them into inputs of
   proportions the model never saw (squash stretches them differently, pad and crop frame them
   differently), which raises their scores whether or not they hold a defect."""
-  path = os.path.join(workdir, checkpoints.TRAINING_SETS)
-  recorded = io_utils.read_json(path).get(category, {}) if os.path.exists(path) else {}
+  recorded = checkpoints.recorded_training_sets(workdir).get(category, {})
   if not recorded.get("aspect_ratios"):  # recorded before aspect ratios were
     return
   outliers = datasets.aspect_outliers(sizes, recorded["aspect_ratios"])
